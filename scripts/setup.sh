@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment in .venv with smallcap and its test tools installed.
+# Pass --no-demo to skip running the demo afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test,parquet]"
+if [ "${1:-}" != "--no-demo" ]; then
+  .venv/bin/smallcap demo
+fi

@@ -1,0 +1,3 @@
+from smallcap.cli import main
+
+raise SystemExit(main())
