@@ -37,3 +37,24 @@ def run_cli(*args: str, check: bool = True, cwd: Path | None = None, env: dict |
     if check and result.returncode != 0:
         raise AssertionError(f"smallcap {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random HF CLIPModel (vision 64-d, text 32-d, 32-d projection) saved with the real CLIP
+    tokenizer and CLIP's image-processor settings, loadable with `from_pretrained` like a real checkpoint."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=224, patch_size=32),
+        projection_dim=32,
+    )
+    out = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(config).eval().save_pretrained(out)
+    CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR).save_pretrained(out)
+    CLIPImageProcessor.from_pretrained(GOLDEN).save_pretrained(out)
+    return out
