@@ -1,0 +1,88 @@
+"""Batched, retrieval-augmented decoding: prompts of different lengths in one `generate` call.
+
+Prompts are left-padded; the attention mask hides the padding and position ids restart at each row's first
+real token, so a batched row decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+from smallcap.modeling import END_TOKEN_ID, PAD_TOKEN_ID, SmallCap
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings; the defaults are SmallCap's (beam 3, 25 new tokens, plain sum of log-probs)."""
+
+    num_beams: int = 3
+    max_new_tokens: int = 25
+    length_penalty: float = 0.0
+    early_stopping: bool = True
+    no_repeat_ngram_size: int = 0
+    do_sample: bool = False
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `model.generate`."""
+        kwargs = asdict(self)
+        if self.num_beams == 1:  # beam-only options would only produce warnings
+            kwargs.pop("length_penalty"), kwargs.pop("early_stopping")
+        return kwargs
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = PAD_TOKEN_ID):
+    """Left-pad prompt ids; returns (input_ids, attention_mask, position_ids) tensors."""
+    width = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def new_tokens(output_ids: torch.Tensor, prompt_width: int, end_token_id: int = END_TOKEN_ID) -> list[list[int]]:
+    """The generated ids of each row, up to and including its first end token.
+
+    (transformers 5.x pads finished beams with the end token rather than the pad token; cutting at the first
+    end token removes that difference.)
+    """
+    rows = []
+    for row in output_ids[:, prompt_width:].tolist():
+        rows.append(row[:row.index(end_token_id) + 1] if end_token_id in row else row)
+    return rows
+
+
+@torch.inference_mode()
+def generate(model: SmallCap, prompts: Sequence[Sequence[int]], *, pixel_values: torch.Tensor | None = None,
+             encoder_hidden_states: torch.Tensor | None = None,
+             settings: GenerationSettings | None = None) -> list[list[int]]:
+    """Continue each prompt conditioned on its image; returns the new token ids per image (end token kept).
+
+    Give either `pixel_values` (n, 3, H, W) or precomputed `encoder_hidden_states` (n, tokens, width).
+    """
+    if (pixel_values is None) == (encoder_hidden_states is None):
+        raise ValueError("pass exactly one of pixel_values and encoder_hidden_states")
+    settings = settings or GenerationSettings()
+    device = model.device
+    input_ids, attention_mask, position_ids = left_pad(prompts, model.config.pad_token_id)
+    inputs = {}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values.to(device, model.dtype)
+    else:
+        inputs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden_states.to(device, model.dtype))
+    output = model.generate(
+        **inputs,
+        decoder_input_ids=input_ids.to(device),
+        decoder_attention_mask=attention_mask.to(device),
+        decoder_position_ids=position_ids.to(device),
+        pad_token_id=model.config.pad_token_id,
+        eos_token_id=model.config.eos_token_id,
+        **settings.generate_kwargs(),
+    )
+    return new_tokens(output.cpu(), input_ids.shape[1], model.config.eos_token_id)

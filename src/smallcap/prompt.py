@@ -1,0 +1,92 @@
+"""SmallCap's prompt and token conventions: template, retrieved captions, training labels, clean captions.
+
+Prompt and caption are encoded *separately* (the prompt ends with a lone space token, the caption starts
+with an unspaced word); re-encoding the joined string gives other ids and breaks published checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from smallcap.modeling import END_TOKEN_ID, PAD_TOKEN_ID
+
+TEMPLATE = "Similar images show\n\n||\n\nThis image shows "
+NO_RETRIEVAL_PROMPT = "This image shows "
+CAPTION_SEPARATOR = "\n\n"
+MAX_CAPTION_TOKENS = 25
+IGNORE_INDEX = -100
+
+
+def load_tokenizer(name_or_path: str):
+    """Load a GPT-2 tokenizer and set SmallCap's pad `!` and end `.` tokens (no BOS is ever added)."""
+    from transformers import AutoTokenizer
+
+    from smallcap.hub import explain_load_errors
+
+    with explain_load_errors(name_or_path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.pad_token = "!"
+    tokenizer.eos_token = "."
+    return tokenizer
+
+
+def build_prompt(retrieved: Sequence[str] | None, k: int = 4) -> str:
+    """The prompt text: the first `k` retrieved captions in the template, or the no-retrieval prompt.
+
+    Captions are joined by blank lines and only the last one gets a period.
+    """
+    if retrieved is None:
+        return NO_RETRIEVAL_PROMPT
+    return TEMPLATE.replace("||", CAPTION_SEPARATOR.join(retrieved[:k]) + ".")
+
+
+def prompt_ids(tokenizer, retrieved: Sequence[str] | None, k: int = 4) -> list[int]:
+    """Token ids of the prompt (no special tokens added)."""
+    return tokenizer.encode(build_prompt(retrieved, k), add_special_tokens=False)
+
+
+def caption_ids(tokenizer, caption: str, max_tokens: int = MAX_CAPTION_TOKENS) -> list[int]:
+    """Token ids of a target caption, encoded on its own and truncated to `max_tokens`."""
+    return tokenizer.encode(caption, add_special_tokens=False)[:max_tokens]
+
+
+def training_example(tokenizer, caption: str, retrieved: Sequence[str] | None, k: int = 4,
+                     max_caption_tokens: int = MAX_CAPTION_TOKENS) -> tuple[list[int], list[int]]:
+    """Decoder input ids and already-shifted labels for one (caption, retrieved captions) pair.
+
+    Labels ignore every prompt position but the last, which predicts the caption's first token; the last
+    caption position predicts the end token. No further shift is applied in the loss.
+    """
+    prompt = prompt_ids(tokenizer, retrieved, k)
+    target = caption_ids(tokenizer, caption, max_caption_tokens)
+    input_ids = prompt + target
+    labels = [IGNORE_INDEX] * (len(prompt) - 1) + target + [END_TOKEN_ID]
+    return input_ids, labels
+
+
+def pad_right(rows: Sequence[Sequence[int]], value: int, length: int | None = None) -> list[list[int]]:
+    """Right-pad integer rows to `length` (default: the longest row)."""
+    length = max(map(len, rows)) if length is None else length
+    if any(len(row) > length for row in rows):
+        raise ValueError(f"a row is longer than the padded length {length}")
+    return [list(row) + [value] * (length - len(row)) for row in rows]
+
+
+def collate_training_examples(examples: Sequence[tuple[list[int], list[int]]], pad_to: int | None = None):
+    """Stack (input_ids, labels) pairs into right-padded tensors: inputs padded with `!`, labels with -100."""
+    import torch
+
+    inputs, labels = zip(*examples)
+    return (torch.tensor(pad_right(inputs, PAD_TOKEN_ID, pad_to)),
+            torch.tensor(pad_right(labels, IGNORE_INDEX, pad_to)))
+
+
+def clean_caption(tokenizer, new_ids: Sequence[int], end_token_id: int = END_TOKEN_ID) -> str:
+    """The caption text of generated ids: everything before the first end token, decoded and stripped.
+
+    An immediate end token gives an empty caption (the reference instead returned the whole prompt).
+    """
+    new_ids = list(new_ids)
+    if end_token_id in new_ids:
+        new_ids = new_ids[:new_ids.index(end_token_id)]
+    return tokenizer.decode(new_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
