@@ -62,3 +62,20 @@ class explain_load_errors:
                 "to fail fast).")
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SmallCapError(f"could not load {self.what} {self.name!r}: {first_line}.{hint}") from exc
+
+
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "pytorch_model.bin", "*.txt", "*.model"]
+
+
+def local_snapshot(name: str, what: str = "SmallCap model") -> str:
+    """A local directory holding checkpoint `name`: the directory itself, or the Hub snapshot (downloaded once).
+
+    Only config, weight and tokenizer files are fetched, so one loading path serves both cases.
+    """
+    resolve_pretrained(name, what)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub import snapshot_download
+
+    with explain_load_errors(name, what):
+        return snapshot_download(name, allow_patterns=CHECKPOINT_FILES)

@@ -1,0 +1,162 @@
+"""Captioner: images -> encoder states -> retrieved captions -> prompt ids -> batched generate -> captions."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from smallcap.errors import SmallCapError
+from smallcap.generation import GenerationSettings, generate
+from smallcap.images import ImageInput, describe, load_image
+from smallcap.modeling import SmallCap, load_smallcap
+from smallcap.prompt import clean_caption, load_tokenizer, prompt_ids
+
+DEFAULT_MODEL = "Yova/SmallCap7M"
+# Published SmallCap checkpoints ship neither tokenizer nor image processor: they come from the base models.
+DEFAULT_DECODER = "gpt2"
+DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
+
+# A retriever maps a batch of images (and the model's encoder states for them) to retrieved captions.
+Retriever = Callable[[Sequence[Image.Image], torch.Tensor, int], list[list[str]]]
+
+
+@dataclass
+class CaptionResult:
+    """The caption of one input, the captions that were put in its prompt, or why it failed."""
+
+    image: str
+    caption: str | None
+    retrieved: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form: `{"image", "caption", "retrieved"}` or `{"image", "error"}`."""
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
+        return {"image": self.image, "caption": self.caption, "retrieved": self.retrieved}
+
+
+def _load_with_fallback(loader, candidates: Sequence[str], what: str):
+    """Try each candidate name in turn; the first that loads wins."""
+    errors = []
+    for name in dict.fromkeys(c for c in candidates if c):
+        try:
+            return loader(name)
+        except (SmallCapError, OSError, ValueError) as error:
+            errors.append(f"{name}: {str(error).splitlines()[0]}")
+    raise SmallCapError(f"could not find a {what} for this model (tried {'; '.join(errors)}); "
+                        f"pass one explicitly")
+
+
+def _base_name(sub_config, default: str) -> str:
+    name = getattr(sub_config, "_name_or_path", "") or ""
+    return name if name and (Path(name).is_dir() or name.count("/") <= 1 and not name.startswith(".")) else default
+
+
+class Captioner:
+    """Caption images with a SmallCap model, retrieved captions in the prompt, in batches.
+
+    `captioner(images, retrieved=None)` accepts file paths, PIL images and arrays. Retrieved captions come
+    from `retrieved` (one list per image), else from the attached `retriever` (a datastore), else the model is
+    used without retrieval when `use_retrieval` is False.
+    """
+
+    def __init__(self, model: SmallCap, tokenizer, image_processor, retriever: Retriever | None = None,
+                 k: int | None = None, use_retrieval: bool | None = None,
+                 settings: GenerationSettings | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.retriever = retriever
+        self.k = k if k is not None else int(getattr(model.config, "k", 4) or 4)
+        self.use_retrieval = bool(getattr(model.config, "rag", True)) if use_retrieval is None else use_retrieval
+        self.settings = settings or GenerationSettings()
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, *, tokenizer: str | None = None,
+                        image_processor: str | None = None, device: str = "cpu",
+                        dtype: torch.dtype | None = None, **kwargs) -> "Captioner":
+        """Load a SmallCap checkpoint (Hub id or directory) with its tokenizer and image processor.
+
+        Tokenizer and image processor come from the checkpoint if it has them, else from its base models.
+        """
+        from transformers import AutoImageProcessor
+
+        from smallcap.hub import local_snapshot
+
+        directory = local_snapshot(str(model))
+        smallcap = load_smallcap(directory, **({"dtype": dtype} if dtype else {})).to(device)
+        config = smallcap.config
+        tok = _load_with_fallback(load_tokenizer, [tokenizer, directory, _base_name(config.decoder, DEFAULT_DECODER)],
+                                  "tokenizer")
+        processor = _load_with_fallback(
+            AutoImageProcessor.from_pretrained,
+            [image_processor, directory, _base_name(config.encoder, DEFAULT_ENCODER)], "image processor")
+        return cls(smallcap, tok, processor, **kwargs)
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """CLIP preprocessing of RGB images into a (n, 3, H, W) tensor."""
+        return self.image_processor(images=list(images), return_tensors="pt").pixel_values
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The encoder states the decoder attends to (CLIP's last hidden state, before post-layernorm)."""
+        pixels = self.pixel_values(images).to(self.model.device, self.model.dtype)
+        return self.model.encoder(pixel_values=pixels).last_hidden_state
+
+    def caption_encoded(self, encoder_states: torch.Tensor, retrieved: Sequence[Sequence[str]] | None) -> list[str]:
+        """Captions for precomputed encoder states (e.g. from a feature cache), one per row."""
+        prompts = [prompt_ids(self.tokenizer, None if retrieved is None else caps, self.k)
+                   for caps in (retrieved if retrieved is not None else [None] * len(encoder_states))]
+        new_ids = generate(self.model, prompts, encoder_hidden_states=encoder_states, settings=self.settings)
+        return [clean_caption(self.tokenizer, ids, self.model.config.eos_token_id) for ids in new_ids]
+
+    def __call__(self, images: Sequence[ImageInput] | ImageInput, retrieved: Sequence[Sequence[str]] | None = None,
+                 batch_size: int = 8, progress: bool = False) -> list[CaptionResult]:
+        """Caption `images`; an input that cannot be read gets a result with `error` set, the rest still run."""
+        if isinstance(images, (str, os.PathLike, Image.Image)) or getattr(images, "ndim", 0) == 3:
+            images = [images]
+        images = list(images)
+        if retrieved is not None and len(retrieved) != len(images):
+            raise SmallCapError(f"got {len(images)} images but {len(retrieved)} lists of retrieved captions")
+        if self.use_retrieval and retrieved is None and self.retriever is None:
+            raise SmallCapError("this model was trained with retrieved captions in its prompt: give them "
+                                "(--retrieved FILE / retrieved=...), attach a datastore (--datastore DIR), "
+                                "or disable retrieval (--no-retrieval / use_retrieval=False)")
+        results: list[CaptionResult] = []
+        bar = tqdm(total=len(images), desc="captioning", unit="image", disable=not progress)
+        for start in range(0, len(images), batch_size):
+            batch = [(index, describe(source, index), source)
+                     for index, source in enumerate(images[start:start + batch_size], start)]
+            loaded, ok = [], []
+            for index, name, source in batch:
+                try:
+                    loaded.append(load_image(source))
+                    ok.append(index)
+                    results.append(CaptionResult(name, None))
+                except SmallCapError as error:
+                    results.append(CaptionResult(name, None, error=str(error)))
+            if loaded:
+                self._caption_batch(loaded, [results[i] for i in ok],
+                                    None if retrieved is None else [retrieved[i] for i in ok])
+            bar.update(len(batch))
+        bar.close()
+        return results
+
+    def _caption_batch(self, images: list[Image.Image], results: list[CaptionResult],
+                       retrieved: list[Sequence[str]] | None) -> None:
+        states = self.encode(images)
+        if not self.use_retrieval:
+            retrieved = None
+        elif retrieved is None:
+            retrieved = self.retriever(images, states, self.k)
+        captions = self.caption_encoded(states, retrieved)
+        for index, (result, caption) in enumerate(zip(results, captions)):
+            result.caption = caption
+            result.retrieved = [] if retrieved is None else list(retrieved[index][:self.k])

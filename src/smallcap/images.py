@@ -1,0 +1,75 @@
+"""Turning what the user passes (paths, directories, PIL images, arrays) into RGB PIL images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from smallcap.errors import SmallCapError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".gif"}
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand directories into their image and video files (sorted, non-recursive); keep files as given."""
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            expanded += sorted(p for p in path.iterdir()
+                               if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def describe(source: ImageInput, index: int) -> str:
+    """A short name for an input, used in results and error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"<{type(source).__name__} #{index}>"
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """An HxW, HxWx3 or HxWx4 array (uint8, or float in [0, 1]) as an RGB image."""
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise SmallCapError(f"image array has shape {array.shape}; expected HxW or HxWxC with C in 1, 3, 4")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise SmallCapError(f"image array has dtype {array.dtype}; expected uint8 or float in [0, 1]")
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    return Image.fromarray(array).convert("RGB")
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Load one input as an RGB image.
+
+    Raises SmallCapError naming the file and the reason when it cannot be read.
+    """
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        return array_to_image(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise SmallCapError(f"cannot caption a {type(source).__name__}; pass a file path, PIL image or array")
+    path = Path(source)
+    if not path.exists():
+        raise SmallCapError(f"{path}: no such file")
+    if path.is_dir():
+        raise SmallCapError(f"{path}: is a directory")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise SmallCapError(f"{path}: not an image file (unrecognised format)") from None
+    except OSError as error:
+        raise SmallCapError(f"{path}: unreadable image ({error})") from None
