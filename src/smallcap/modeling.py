@@ -223,6 +223,7 @@ def load_smallcap(name_or_path: str | os.PathLike, **kwargs) -> SmallCap:
         config = SmallCapConfig.from_pretrained(name)
         _check_is_smallcap(config, name)
         model = SmallCap.from_pretrained(name, config=config, **kwargs)
+    model.freeze_for_training()  # loading replaces parameters, which resets requires_grad
     return model.eval()
 
 

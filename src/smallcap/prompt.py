@@ -19,12 +19,15 @@ IGNORE_INDEX = -100
 
 def load_tokenizer(name_or_path: str):
     """Load a GPT-2 tokenizer and set SmallCap's pad `!` and end `.` tokens (no BOS is ever added)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GPT2Tokenizer
 
     from smallcap.hub import explain_load_errors
 
     with explain_load_errors(name_or_path, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except ValueError:  # bare vocab.json + merges.txt without a tokenizer config
+            tokenizer = GPT2Tokenizer.from_pretrained(name_or_path)
     tokenizer.pad_token = "!"
     tokenizer.eos_token = "."
     return tokenizer
