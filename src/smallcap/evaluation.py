@@ -9,7 +9,6 @@ the images (CLIPScore) or a `predict` step that produces the predictions plug in
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -84,7 +83,8 @@ def _image_id(value: Any, where: str) -> ImageId:
 def _describe(data: Any) -> str:
     if isinstance(data, dict):
         return "a JSON object with keys " + ", ".join(map(repr, list(data)[:8]))
-    return f"a JSON {type(data).__name__.replace('dict', 'object')}"
+    kinds = {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+    return f"a JSON {kinds.get(type(data), type(data).__name__)}"
 
 
 def load_references(source: str | os.PathLike | dict | References, split: str | None = None) -> References:
@@ -186,6 +186,7 @@ class Batch:
     raw_preds: dict[ImageId, str]
 
     def subset(self, ids: list[ImageId]) -> "Batch":
+        """The same batch restricted to `ids` (a nocaps domain)."""
         return Batch(ids, {i: self.refs[i] for i in ids}, {i: self.preds[i] for i in ids},
                      {i: self.raw_preds[i] for i in ids})
 
