@@ -1,0 +1,418 @@
+"""COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) computed with pycocoevalcap, offline.
+
+`evaluate(references, predictions)` gives the numbers pycocoevalcap's `COCOEvalCap` gives on the same
+inputs, x100, restricted to the predicted images; nocaps-style references (a `domain` on each image) are
+scored per domain as well. Every metric is one function in `SCORERS` taking a `Batch`; a metric that needs
+the images (CLIPScore) or a `predict` step that produces the predictions plug in there and in front of
+`evaluate`, which accepts predictions as a list as well as a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from tqdm.auto import tqdm
+
+from smallcap.errors import SmallCapError
+
+ImageId = int | str
+# Each metric and the scores it reports, in table order.
+METRIC_SCORES = {"BLEU": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"), "METEOR": ("METEOR",),
+                 "ROUGE-L": ("ROUGE-L",), "CIDEr": ("CIDEr",), "SPICE": ("SPICE",)}
+METRICS = tuple(METRIC_SCORES)
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+JAVA_HINT = "Java 8+ (e.g. `apt-get install default-jre-headless`)"
+# Characters that Java's PTBTokenizer (-preserveLines) reads as line ends. pycocoevalcap replaces only "\n",
+# so one of these inside a caption shifts every later caption onto the wrong image, silently.
+_LINE_BREAKS = {ord(c): " " for c in "\n\r\x0b\x0c\u2028\u2029"}
+
+COCO_FORM = ('COCO caption annotations {"images": [{"id": ...}], '
+             '"annotations": [{"image_id": ..., "caption": "..."}]}')
+KARPATHY_FORM = ('a Karpathy split file {"images": [{"cocoid" or "imgid": ..., "split": "test", '
+                 '"sentences": [{"raw": "..."}]}]}')
+PREDICTIONS_FORM = 'a JSON list of {"image_id": int, "caption": str}'
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class References:
+    """Reference captions per image in file order, and each image's nocaps-style domain where given."""
+
+    captions: dict[ImageId, list[str]]
+    domains: dict[ImageId, str] = field(default_factory=dict)
+    source: str = "references"
+
+
+def _read_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SmallCapError(f"{what} file {path} does not exist") from None
+    except OSError as error:
+        raise SmallCapError(f"cannot read {what} file {path}: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SmallCapError(f"{what} file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                            f"{error.start}); re-save it as UTF-8 JSON") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SmallCapError(f"{what} file {path} is not valid JSON: {error.msg} at line {error.lineno} "
+                            f"column {error.colno}") from None
+
+
+def _image_id(value: Any, where: str) -> ImageId:
+    """Image ids are ints (COCO, nocaps) or strings; digit strings count as the int they spell."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip():
+        return int(value) if value.strip().isdigit() else value
+    raise SmallCapError(f"{where}: image id {value!r} is not an int or a string")
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, dict):
+        return "a JSON object with keys " + ", ".join(map(repr, list(data)[:8]))
+    kinds = {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+    return f"a JSON {kinds.get(type(data), type(data).__name__)}"
+
+
+def load_references(source: str | os.PathLike | dict | References, split: str | None = None) -> References:
+    """Read COCO-format caption annotations or a Karpathy split file (only images of `split`, if given)."""
+    if isinstance(source, References):
+        return source
+    name = "references" if isinstance(source, dict) else str(source)
+    data = source if isinstance(source, dict) else _read_json(source, "references")
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        if split is not None:
+            raise SmallCapError(f"{name}: --split applies to Karpathy split files; this is COCO-format "
+                                "annotations, whose images are all used")
+        return _read_coco(data, name)
+    images = data.get("images") if isinstance(data, dict) else None
+    if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
+        return _read_karpathy(images, split, name)
+    hint = ""
+    if isinstance(data, list) and data and isinstance(data[0], dict) and "image_id" in data[0]:
+        hint = " (this looks like a predictions file; are --references and --predictions swapped?)"
+    raise SmallCapError(f"{name} is not a references file: expected {COCO_FORM} or {KARPATHY_FORM}; "
+                        f"got {_describe(data)}{hint}")
+
+
+def _read_coco(data: dict, name: str) -> References:
+    captions: dict[ImageId, list[str]] = {}
+    domains: dict[ImageId, str] = {}
+    for index, image in enumerate(data.get("images") or []):
+        if not isinstance(image, dict) or "id" not in image:
+            raise SmallCapError(f"{name}: images[{index}] has no \"id\"; expected {COCO_FORM}")
+        image_id = _image_id(image["id"], f"{name}: images[{index}]")
+        captions[image_id] = []
+        if image.get("domain"):
+            domains[image_id] = str(image["domain"])
+    for index, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            kind = " (object annotations, not captions?)" if isinstance(ann, dict) and "bbox" in ann else ""
+            raise SmallCapError(f"{name}: annotations[{index}] is not {{\"image_id\", \"caption\": str}}{kind}; "
+                                f"expected {COCO_FORM}")
+        captions.setdefault(_image_id(ann["image_id"], f"{name}: annotations[{index}]"), []).append(ann["caption"])
+    return References(captions, domains, name)
+
+
+def _read_karpathy(images: list, split: str | None, name: str) -> References:
+    captions: dict[ImageId, list[str]] = {}
+    for index, image in enumerate(images):
+        raw_id = image.get("cocoid", image.get("imgid")) if isinstance(image, dict) else None
+        if raw_id is None or not isinstance(image.get("sentences"), list):
+            raise SmallCapError(f"{name}: images[{index}] has no \"cocoid\"/\"imgid\" or no \"sentences\" list; "
+                                f"expected {KARPATHY_FORM}")
+        if split is not None and image.get("split") != split:
+            continue
+        sentences = [s.get("raw") if isinstance(s.get("raw"), str) else " ".join(s.get("tokens", []))
+                     for s in image["sentences"] if isinstance(s, dict)]
+        captions[_image_id(raw_id, f"{name}: images[{index}]")] = sentences
+    if not captions:
+        splits = sorted({str(image.get("split")) for image in images})
+        raise SmallCapError(f"{name}: no image has split {split!r}; splits in the file: {', '.join(splits)}")
+    return References(captions, {}, name)
+
+
+def load_predictions(source: str | os.PathLike | Sequence[dict]) -> dict[ImageId, str]:
+    """Read `[{"image_id": ..., "caption": str}, ...]` into {image_id: caption}; duplicate ids are an error."""
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "predictions"
+    data = _read_json(source, "predictions") if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(data, list):
+        raise SmallCapError(f"{name}: expected {PREDICTIONS_FORM}; got {_describe(data)}")
+    predictions: dict[ImageId, str] = {}
+    duplicates: list[ImageId] = []
+    for index, item in enumerate(data):
+        if not isinstance(item, dict) or "image_id" not in item or not isinstance(item.get("caption"), str):
+            raise SmallCapError(f"{name}: item {index} is {json.dumps(item)[:80]}; expected {PREDICTIONS_FORM}")
+        image_id = _image_id(item["image_id"], f"{name}: item {index}")
+        if image_id in predictions:
+            duplicates.append(image_id)
+        predictions[image_id] = item["caption"]
+    if duplicates:
+        raise SmallCapError(f"{name}: {len(duplicates)} duplicate image ids (e.g. {_some(duplicates)}); "
+                            "give one caption per image")
+    if not predictions:
+        raise SmallCapError(f"{name}: no predictions; expected {PREDICTIONS_FORM}")
+    return predictions
+
+
+def _some(ids: Iterable, n: int = 5) -> str:
+    ids = list(dict.fromkeys(ids))
+    return ", ".join(map(str, ids[:n])) + (", ..." if len(ids) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Batch:
+    """What a metric sees: image ids in order, PTB-tokenised references and predictions, raw predictions."""
+
+    ids: list[ImageId]
+    refs: dict[ImageId, list[str]]
+    preds: dict[ImageId, list[str]]
+    raw_preds: dict[ImageId, str]
+
+    def subset(self, ids: list[ImageId]) -> "Batch":
+        """The same batch restricted to `ids` (a nocaps domain)."""
+        return Batch(ids, {i: self.refs[i] for i in ids}, {i: self.preds[i] for i in ids},
+                     {i: self.raw_preds[i] for i in ids})
+
+
+class MetricUnavailable(Exception):
+    """A metric that cannot run here; the message says why and how to make it run."""
+
+
+Scores = tuple[dict[str, float], dict[str, list[float]]]  # corpus scores, per-image scores in batch order
+
+
+def _bleu(batch: Batch) -> Scores:
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    corpus, per_image = Bleu(4).compute_score(batch.refs, batch.preds, verbose=0)
+    names = METRIC_SCORES["BLEU"]
+    return dict(zip(names, corpus)), dict(zip(names, per_image))
+
+
+def _meteor(batch: Batch) -> Scores:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    try:
+        corpus, per_image = scorer.compute_score(batch.refs, batch.preds)
+    except (ValueError, OSError) as error:  # the Java process died: its replies are empty
+        scorer.meteor_p.kill()
+        message = scorer.meteor_p.stderr.read().decode(errors="replace").strip()[-2000:]
+        raise SmallCapError(f"METEOR (pycocoevalcap's meteor-1.5.jar) failed: {error}\n{message}") from None
+    finally:
+        scorer.meteor_p.kill()
+        scorer.meteor_p.wait()
+        if scorer.lock.locked():  # else Meteor.__del__ waits forever for it
+            scorer.lock.release()
+    return {"METEOR": corpus}, {"METEOR": per_image}
+
+
+def _rouge(batch: Batch) -> Scores:
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    corpus, per_image = Rouge().compute_score(batch.refs, batch.preds)
+    return {"ROUGE-L": corpus}, {"ROUGE-L": list(per_image)}
+
+
+def _cider(batch: Batch) -> Scores:
+    from pycocoevalcap.cider.cider import Cider
+
+    corpus, per_image = Cider().compute_score(batch.refs, batch.preds)
+    return {"CIDEr": corpus}, {"CIDEr": list(per_image)}
+
+
+def spice_unavailable_reason() -> str | None:
+    """Why SPICE cannot run here (its Stanford CoreNLP jars are missing), or None when it can.
+
+    pycocoevalcap's Spice() downloads the jars on first use; that is never attempted here.
+    """
+    import pycocoevalcap.spice.spice as spice
+
+    lib = Path(spice.__file__).parent / "lib"
+    missing = [jar for jar in SPICE_JARS if not (lib / jar).is_file()]
+    if missing:
+        return (f"Stanford CoreNLP 3.6.0 jars not found in {lib} ({', '.join(missing)}); run "
+                "`python -m pycocoevalcap.spice.get_stanford_models` once with internet access to install "
+                "them (about 400 MB), or copy them there")
+    return None
+
+
+def _spice(batch: Batch) -> Scores:
+    reason = spice_unavailable_reason()
+    if reason:
+        raise MetricUnavailable(reason)
+    from pycocoevalcap.spice.spice import Spice
+
+    try:
+        corpus, per_image = Spice().compute_score(batch.refs, batch.preds)
+    except subprocess.CalledProcessError as error:
+        raise MetricUnavailable(f"SPICE's Java process failed with exit code {error.returncode} (its messages "
+                                "are above); SPICE 1.0 is known to need Java 8 or 11") from None
+    # Spice returns scores in sorted-id order.
+    by_id = dict(zip(sorted(batch.ids), per_image))
+    return {"SPICE": corpus}, {"SPICE": [by_id[i]["All"]["f"] for i in batch.ids]}
+
+
+SCORERS: dict[str, Callable[[Batch], Scores]] = {
+    "BLEU": _bleu, "METEOR": _meteor, "ROUGE-L": _rouge, "CIDEr": _cider, "SPICE": _spice,
+}
+
+
+def _resolve_metrics(metrics: Iterable[str]) -> list[str]:
+    canonical = {name.lower().replace("_", "-"): name for name in SCORERS}
+    canonical.update({"rouge": "ROUGE-L", "cider-d": "CIDEr"})
+    resolved = []
+    for name in metrics:
+        key = name.strip().lower().replace("_", "-")
+        if key not in canonical:
+            raise SmallCapError(f"unknown metric {name!r}; choose from {', '.join(SCORERS)}")
+        resolved.append(canonical[key])
+    return [name for name in SCORERS if name in resolved]
+
+
+def _require_java() -> None:
+    if shutil.which("java") is None:
+        raise SmallCapError(f"`java` was not found on PATH; pycocoevalcap's PTB tokenizer and METEOR run on "
+                            f"Java. Install {JAVA_HINT} and make sure `java` is on PATH")
+
+
+def _clean(texts: dict[ImageId, list[str]], what: str, warnings: list[str]) -> dict[ImageId, list[str]]:
+    """Make captions safe for the Java tools: line-break characters become spaces, unpaired surrogates '?'."""
+    breaks = surrogates = 0
+    cleaned = {}
+    for image_id, captions in texts.items():
+        out = []
+        for caption in captions:
+            flat = caption.translate(_LINE_BREAKS)
+            breaks += flat != caption.replace("\n", " ")
+            safe = flat.encode("utf-8", "replace").decode("utf-8")
+            surrogates += safe != flat
+            out.append(safe)
+        cleaned[image_id] = out
+    if breaks:
+        warnings.append(f"{breaks} {what} contained line-break characters (\\r, \\v, \\f, U+2028, U+2029) that "
+                        "pycocoevalcap's tokenizer splits lines on; replaced them with spaces")
+    if surrogates:
+        warnings.append(f"{surrogates} {what} contained unpaired UTF-16 surrogates; replaced them with '?'")
+    return cleaned
+
+
+def _tokenize(refs: dict[ImageId, list[str]], preds: dict[ImageId, list[str]]) -> tuple[dict, dict]:
+    """PTB-tokenise references and predictions in one Java run, checking every caption came back."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    inputs = {("ref", i): [{"caption": c} for c in caps] for i, caps in refs.items()}
+    inputs.update({("pred", i): [{"caption": c} for c in caps] for i, caps in preds.items()})
+    try:
+        tokens = PTBTokenizer().tokenize(inputs)
+    except OSError as error:
+        raise SmallCapError(f"could not run pycocoevalcap's PTB tokenizer (Java): {error}") from None
+    if any(len(tokens.get(key, ())) != len(value) for key, value in inputs.items()):
+        raise SmallCapError("pycocoevalcap's PTB tokenizer (Java) did not return one line per caption; "
+                            f"see its messages above (needs {JAVA_HINT})")
+    return ({i: tokens[("ref", i)] for i in refs}, {i: tokens[("pred", i)] for i in preds})
+
+
+def _run_metrics(batch: Batch, metrics: list[str], unavailable: dict[str, str]) -> tuple[dict, dict]:
+    scores: dict[str, float | None] = {}
+    per_image: dict[str, list[float]] = {}
+    for name in tqdm(metrics, desc="metrics", unit="metric", disable=None, leave=False):
+        if name in unavailable:
+            continue
+        try:
+            corpus, images = SCORERS[name](batch)
+        except MetricUnavailable as reason:
+            unavailable[name] = str(reason)
+            continue
+        scores.update({key: _x100(value) for key, value in corpus.items()})
+        per_image.update({key: [_x100(v) for v in values] for key, values in images.items()})
+    return {n: scores.get(n) for metric in metrics for n in METRIC_SCORES[metric]}, per_image
+
+
+def _x100(value: float) -> float | None:
+    value = float(value)
+    return None if value != value else 100 * value  # NaN (SPICE on an unparsable caption) -> None
+
+
+def evaluate(references: str | os.PathLike | dict | References, predictions: str | os.PathLike | Sequence[dict],
+             per_image: bool = False, metrics: Iterable[str] = METRICS, split: str | None = None) -> dict:
+    """Score `predictions` against `references` with pycocoevalcap; every score x100.
+
+    Only the predicted images are scored. Returns {"num_images", "scores": {name: value or None},
+    "unavailable": {metric: reason}, "warnings": [...]}, plus "domains": {domain: {"num_images", "scores"}}
+    when the references give images a nocaps-style `domain`, and "per_image": [{"image_id", "caption",
+    name: value, ...}] when `per_image` is set.
+    """
+    metrics = _resolve_metrics(metrics)
+    refs = load_references(references, split)
+    preds = load_predictions(predictions)
+    unknown = [i for i in preds if i not in refs.captions]
+    if unknown:
+        raise SmallCapError(f"{len(unknown)} of {len(preds)} predicted image ids are not in {refs.source} "
+                            f"(e.g. {_some(unknown)}); are these predictions for this dataset"
+                            f"{' and split' if split else ''}?")
+    ids = [i for i in refs.captions if i in preds]  # reference order, as COCOEvalCap uses
+    no_refs = [i for i in ids if not refs.captions[i]]
+    if no_refs:
+        raise SmallCapError(f"{len(no_refs)} predicted images have no reference captions in {refs.source} "
+                            f"(e.g. {_some(no_refs)})")
+    warnings: list[str] = []
+    empty = [i for i in ids if not preds[i].strip()]
+    if empty:
+        warnings.append(f"{len(empty)} predictions have an empty caption (image ids {_some(empty)}); "
+                        "scored as empty")
+    _require_java()
+    ref_texts = _clean({i: refs.captions[i] for i in ids}, "reference captions", warnings)
+    pred_texts = _clean({i: [preds[i]] for i in ids}, "predicted captions", warnings)
+    ref_tokens, pred_tokens = _tokenize(ref_texts, pred_texts)
+    batch = Batch(ids, ref_tokens, pred_tokens, {i: preds[i] for i in ids})
+
+    unavailable: dict[str, str] = {}
+    scores, image_scores = _run_metrics(batch, metrics, unavailable)
+    result: dict[str, Any] = {"num_images": len(ids), "scores": scores}
+    domains = {i: refs.domains.get(i, "(no domain)") for i in ids} if refs.domains else {}
+    if domains:
+        result["domains"] = {}
+        for domain in sorted(set(domains.values())):
+            subset = [i for i in ids if domains[i] == domain]
+            domain_scores, _ = _run_metrics(batch.subset(subset), metrics, unavailable)
+            result["domains"][domain] = {"num_images": len(subset), "scores": domain_scores}
+    result["unavailable"] = unavailable
+    result["warnings"] = warnings
+    if per_image:
+        result["per_image"] = [
+            {"image_id": i, **({"domain": domains[i]} if domains else {}), "caption": preds[i],
+             **{name: image_scores[name][n] if name in image_scores else None for name in scores}}
+            for n, i in enumerate(ids)]
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The scores of `evaluate` as a fixed-width table: one row overall, one per domain."""
+    names = list(result["scores"])
+    rows = [("all", result["num_images"], result["scores"])]
+    rows += [(domain, d["num_images"], d["scores"]) for domain, d in result.get("domains", {}).items()]
+    width = max(len(row[0]) for row in rows) + 2
+    lines = [f"{'':<{width}}{'images':>7}" + "".join(f"{name:>9}" for name in names)]
+    for label, count, scores in rows:
+        cells = "".join(f"{'n/a' if scores.get(n) is None else format(scores[n], '.2f'):>9}" for n in names)
+        lines.append(f"{label:<{width}}{count:>7}{cells}")
+    lines += [f"{name} unavailable: {reason}" for name, reason in result.get("unavailable", {}).items()]
+    return "\n".join(lines)
