@@ -63,8 +63,8 @@ class Captioner:
     """Caption images with a SmallCap model, retrieved captions in the prompt, in batches.
 
     `captioner(images, retrieved=None)` accepts file paths, PIL images and arrays. Retrieved captions come
-    from `retrieved` (one list per image), else from the attached `retriever` (a datastore), else the model is
-    used without retrieval when `use_retrieval` is False.
+    from `retrieved` (one list per image) when given, else from the attached `retriever` (a datastore); with
+    `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions.
     """
 
     def __init__(self, model: SmallCap, tokenizer, image_processor, retriever: Retriever | None = None,
@@ -152,9 +152,7 @@ class Captioner:
     def _caption_batch(self, images: list[Image.Image], results: list[CaptionResult],
                        retrieved: list[Sequence[str]] | None) -> None:
         states = self.encode(images)
-        if not self.use_retrieval:
-            retrieved = None
-        elif retrieved is None:
+        if retrieved is None and self.use_retrieval:
             retrieved = self.retriever(images, states, self.k)
         captions = self.caption_encoded(states, retrieved)
         for index, (result, caption) in enumerate(zip(results, captions)):

@@ -72,6 +72,8 @@ class ReducedCrossAttention(GPT2Attention):
         self.split_size = inner
         self.head_dim = inner // self.num_heads
         self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(layer_idx + 1)
         self.q_attn = Conv1D(inner, self.embed_dim)
         self.c_attn = Conv1D(2 * inner, config.encoder_hidden_size)
         self.c_proj = Conv1D(self.embed_dim, inner)
