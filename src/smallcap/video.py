@@ -178,7 +178,7 @@ def _open_video(path: Path):
         raise SmallCapError(f"{path}: the file is empty (0 bytes)")
     try:
         return av.open(str(path))
-    except av.FFmpegError as error:
+    except (av.FFmpegError, OSError) as error:
         raise SmallCapError(f"{path}: not a readable video, corrupt or not a video container "
                             f"({_reason(error)})") from error
 
@@ -391,7 +391,11 @@ def tile_frames(frames: Sequence[Image.Image], rows: int | None = None, cols: in
 
 def load_video_as_image(path: str | os.PathLike, frames: int = DEFAULT_FRAMES, rows: int | None = None,
                         cols: int | None = None, size: int = DEFAULT_TILE_SIZE) -> Image.Image:
-    """The captioner's entry point: sample `frames` frames of the video and tile them into one square image."""
+    """The captioner's entry point: `frames` evenly sampled frames tiled into one RGB square of side `size`.
+
+    The grid defaults to `grid_shape(frames)` (2x2 for 4). Raises SmallCapError naming the file and the
+    reason for a video that cannot be used; warns (and repeats frames) for a clip with too few frames.
+    """
     rows, cols = grid_shape(frames, rows, cols)
     sampled = read_frames(path, frames, max_side=size)
     return tile_frames([frame.image for frame in sampled], rows, cols, size)
