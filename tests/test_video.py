@@ -438,3 +438,38 @@ def test_list_split_videos_reports_missing_files_and_bad_annotations(clips, tmp_
         list_split_videos(bad, video_dir)
     with pytest.raises(SmallCapError, match="video directory not found"):
         list_split_videos(annotations, tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------- captioning video inputs
+
+
+def test_videos_and_images_captioned_together_through_cli_and_api(tmp_path):
+    """A clip made of four real COCO photos (one per segment) is captioned like its 2x2 tile."""
+    from conftest import GOLDEN, run_cli
+    from smallcap.captioner import Captioner
+
+    photos = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:5]
+    segments = [np.asarray(Image.open(p).convert("RGB").resize((320, 240))) for p in photos[1:5]]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    write_clip(inputs / "clip.mp4", "libx264", [s for s in segments for _ in range(6)])
+    (inputs / "empty.mp4").write_bytes(b"")
+    shutil.copy(photos[0], inputs / photos[0].name)
+    tiles = tmp_path / "tiles"
+    out = tmp_path / "captions.jsonl"
+    result = run_cli("caption", inputs, "--model", GOLDEN, "--no-retrieval", "--save-tiles", tiles,
+                     "--output", out, check=False)
+    assert result.returncode == 1 and "empty.mp4" in result.stderr
+    rows = {Path(r["image"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"clip.mp4", "empty.mp4", photos[0].name}
+    assert "error" in rows["empty.mp4"] and rows[photos[0].name]["caption"] is not None
+    tile = Image.open(tiles / "clip.mp4.png").convert("RGB")
+    assert tile.size == (448, 448)
+    for quadrant, segment in enumerate(segments):  # each quadrant shows the frame of its own segment
+        box = ((quadrant % 2) * 224, (quadrant // 2) * 224)
+        cell = np.asarray(tile.crop((*box, box[0] + 224, box[1] + 224)).resize((320, 240)), dtype=float)
+        errors = [np.abs(cell - other).mean() for other in segments]
+        assert int(np.argmin(errors)) == quadrant
+    captioner = Captioner.from_pretrained(str(GOLDEN), use_retrieval=False)
+    via_api = captioner([inputs / "clip.mp4"])[0].caption
+    assert via_api == rows["clip.mp4"]["caption"] == captioner([tile])[0].caption

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from smallcap.errors import SmallCapError
 from smallcap.generation import GenerationSettings, generate
-from smallcap.images import ImageInput, describe, load_image
+from smallcap.images import ImageInput, VideoOptions, describe, load_image
 from smallcap.modeling import SmallCap, load_smallcap
 from smallcap.prompt import clean_caption, load_tokenizer, prompt_ids
 
@@ -62,14 +62,14 @@ def _base_name(sub_config, default: str) -> str:
 class Captioner:
     """Caption images with a SmallCap model, retrieved captions in the prompt, in batches.
 
-    `captioner(images, retrieved=None)` accepts file paths, PIL images and arrays. Retrieved captions come
+    `captioner(images, retrieved=None)` accepts file paths (images or videos), PIL images and arrays. Retrieved captions come
     from `retrieved` (one list per image) when given, else from the attached `retriever` (a datastore); with
     `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions.
     """
 
     def __init__(self, model: SmallCap, tokenizer, image_processor, retriever: Retriever | None = None,
                  k: int | None = None, use_retrieval: bool | None = None,
-                 settings: GenerationSettings | None = None):
+                 settings: GenerationSettings | None = None, video: VideoOptions | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -77,6 +77,7 @@ class Captioner:
         self.k = k if k is not None else int(getattr(model.config, "k", 4) or 4)
         self.use_retrieval = bool(getattr(model.config, "rag", True)) if use_retrieval is None else use_retrieval
         self.settings = settings or GenerationSettings()
+        self.video = video or VideoOptions()
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, *, tokenizer: str | None = None,
@@ -137,7 +138,7 @@ class Captioner:
             loaded, ok = [], []
             for index, name, source in batch:
                 try:
-                    loaded.append(load_image(source))
+                    loaded.append(load_image(source, self.video))
                     ok.append(index)
                     results.append(CaptionResult(name, None))
                 except SmallCapError as error:

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from smallcap import video
 from smallcap.errors import SmallCapError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-VIDEO_EXTENSIONS = {".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".gif"}
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+@dataclass
+class VideoOptions:
+    """How a video input becomes one image: `frames` sampled frames in a rows x cols grid (default 2x2),
+    optionally saved as PNG under `save_tiles` so the user can see what the model saw."""
+
+    frames: int = video.DEFAULT_FRAMES
+    rows: int | None = None
+    cols: int | None = None
+    save_tiles: Path | None = None
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -23,7 +35,7 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     for path in map(Path, paths):
         if path.is_dir():
             expanded += sorted(p for p in path.iterdir()
-                               if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+                               if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS.union(video.VIDEO_EXTENSIONS))
         else:
             expanded.append(path)
     return expanded
@@ -49,8 +61,8 @@ def array_to_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array).convert("RGB")
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """Load one input as an RGB image.
+def load_image(source: ImageInput, video_options: VideoOptions | None = None) -> Image.Image:
+    """Load one input as an RGB image; a video file (recognised by content) becomes its tiled frames.
 
     Raises SmallCapError naming the file and the reason when it cannot be read.
     """
@@ -65,6 +77,12 @@ def load_image(source: ImageInput) -> Image.Image:
         raise SmallCapError(f"{path}: no such file")
     if path.is_dir():
         raise SmallCapError(f"{path}: is a directory")
+    if video.is_video(path):
+        options = video_options or VideoOptions()
+        tile = video.load_video_as_image(path, frames=options.frames, rows=options.rows, cols=options.cols)
+        if options.save_tiles is not None:
+            video.save_tile(tile, path, options.save_tiles)
+        return tile
     try:
         with Image.open(path) as image:
             image.load()

@@ -1,4 +1,4 @@
-"""`smallcap caption`: caption images (files or directories) and print JSON lines or a table."""
+"""`smallcap caption`: caption images and videos (files or directories) and print JSON lines or a table."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's")
     parser.add_argument("--image-processor", default=None, help="image processor to use instead of the model's")
+    parser.add_argument("--frames", type=int, default=4, help="video: frames sampled evenly over each clip")
+    parser.add_argument("--rows", type=int, default=None, help="video: rows of the frame grid (default 2 for 4 frames)")
+    parser.add_argument("--cols", type=int, default=None, help="video: columns of the frame grid")
+    parser.add_argument("--save-tiles", type=Path, metavar="DIR", help="video: write each tiled image here as PNG")
     parser.add_argument("--output", type=Path, metavar="FILE.jsonl", help="write one JSON line per image here")
     parser.set_defaults(func=run)
 
@@ -71,7 +75,7 @@ def run(args) -> int:
     """Caption the inputs; exit code 1 if any input could not be captioned."""
     from smallcap.captioner import Captioner
     from smallcap.generation import GenerationSettings
-    from smallcap.images import expand_inputs
+    from smallcap.images import VideoOptions, expand_inputs
     from smallcap.io import atomic_write_text
 
     paths = expand_inputs(args.inputs)
@@ -84,7 +88,8 @@ def run(args) -> int:
     settings = GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     captioner = Captioner.from_pretrained(
         args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
-        k=args.k, use_retrieval=False if args.no_retrieval else None, settings=settings)
+        k=args.k, use_retrieval=False if args.no_retrieval else None, settings=settings,
+        video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles))
     results = captioner(paths, retrieved=retrieved, batch_size=args.batch_size, progress=len(paths) > args.batch_size)
     lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in results)
     if args.output:
