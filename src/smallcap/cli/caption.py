@@ -11,11 +11,18 @@ from smallcap.errors import SmallCapError
 
 def register(subparsers) -> None:
     """Add the `caption` subcommand."""
+    parser = subparsers.add_parser("caption", help="caption images and videos with retrieved captions in the prompt",
+                                   description="Caption images and videos; directories are expanded to their files.")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    add_captioner_arguments(parser)
+    parser.add_argument("--output", type=Path, metavar="FILE.jsonl", help="write one JSON line per image here")
+    parser.set_defaults(func=run)
+
+
+def add_captioner_arguments(parser) -> None:
+    """Model, retrieval, decoding and video options shared by `caption` and `predict`."""
     from smallcap.captioner import DEFAULT_MODEL
 
-    parser = subparsers.add_parser("caption", help="caption images with retrieved captions in the prompt",
-                                   description="Caption images; directories are expanded to their image files.")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or checkpoint directory (default {DEFAULT_MODEL})")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--retrieved", type=Path, metavar="FILE.json",
@@ -32,8 +39,19 @@ def register(subparsers) -> None:
     parser.add_argument("--rows", type=int, default=None, help="video: rows of the frame grid (default 2 for 4 frames)")
     parser.add_argument("--cols", type=int, default=None, help="video: columns of the frame grid")
     parser.add_argument("--save-tiles", type=Path, metavar="DIR", help="video: write each tiled image here as PNG")
-    parser.add_argument("--output", type=Path, metavar="FILE.jsonl", help="write one JSON line per image here")
-    parser.set_defaults(func=run)
+
+
+def build_captioner(args):
+    """The Captioner the shared arguments describe."""
+    from smallcap.captioner import Captioner
+    from smallcap.generation import GenerationSettings
+    from smallcap.images import VideoOptions
+
+    return Captioner.from_pretrained(
+        args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
+        k=args.k, use_retrieval=False if args.no_retrieval else None,
+        settings=GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens),
+        video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles))
 
 
 def load_retrieved(path: Path) -> dict[str, list[str]]:
@@ -73,9 +91,7 @@ def print_table(results, stream) -> None:
 
 def run(args) -> int:
     """Caption the inputs; exit code 1 if any input could not be captioned."""
-    from smallcap.captioner import Captioner
-    from smallcap.generation import GenerationSettings
-    from smallcap.images import VideoOptions, expand_inputs
+    from smallcap.images import expand_inputs
     from smallcap.io import atomic_write_text
 
     paths = expand_inputs(args.inputs)
@@ -85,11 +101,7 @@ def run(args) -> int:
     if args.retrieved:
         table = load_retrieved(args.retrieved)
         retrieved = [retrieved_for(path, table) for path in paths]
-    settings = GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    captioner = Captioner.from_pretrained(
-        args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
-        k=args.k, use_retrieval=False if args.no_retrieval else None, settings=settings,
-        video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles))
+    captioner = build_captioner(args)
     results = captioner(paths, retrieved=retrieved, batch_size=args.batch_size, progress=len(paths) > args.batch_size)
     lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in results)
     if args.output:

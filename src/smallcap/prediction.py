@@ -1,0 +1,133 @@
+"""Predictions over a whole split: the images of a dataset, captioned in batches, resumably, into the standard
+`[{"image_id", "caption"}]` file that `smallcap evaluate` scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from smallcap.captioner import Captioner
+from smallcap.data import read_captions
+from smallcap.errors import SmallCapError
+from smallcap.images import IMAGE_EXTENSIONS, expand_inputs
+from smallcap.io import atomic_write_json
+from smallcap.video import VIDEO_EXTENSIONS
+
+ImageId = int | str
+
+
+@dataclass
+class PredictionReport:
+    """What a `predict` run did: captioned now, skipped as already done, failed (id -> reason)."""
+
+    captioned: int
+    resumed: int
+    failed: dict
+    output: Path
+
+
+def _as_id(value: str) -> ImageId:
+    return int(value) if value.isdigit() else value
+
+
+def _find_media(directory: Path, image_id: ImageId) -> Path | None:
+    for extension in sorted(IMAGE_EXTENSIONS.union(VIDEO_EXTENSIONS)):
+        candidate = directory / f"{image_id}{extension}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir: str | os.PathLike | None = None,
+                   format: str | None = None) -> list[tuple[ImageId, Path]]:
+    """The (image id, file) pairs to caption: a folder of images/videos (id = file stem, as an int when it is
+    digits), or the images of `split` in a caption file (Karpathy, COCO, JSONL/CSV with an image column,
+    MSR-VTT), found under `images_dir` (default: the file's folder)."""
+    data = Path(data)
+    if data.is_dir():
+        return [(_as_id(path.stem), path) for path in expand_inputs([data])]
+    if not data.exists():
+        raise SmallCapError(f"{data}: no such file or directory")
+    root = Path(images_dir) if images_dir is not None else data.parent
+    pairs: dict[ImageId, Path] = {}
+    for record in read_captions(data, format=format, splits=None if split is None else [split]):
+        if record.image_id in pairs or (split is not None and record.split not in (None, split)):
+            continue
+        path = root / record.image_file if record.image_file else _find_media(root, record.image_id)
+        if path is None:
+            raise SmallCapError(f"{data}: no file for image {record.image_id!r} in {root} (tried "
+                                f"{record.image_id}.jpg, .png, .mp4, ...); pass --images-dir")
+        pairs[record.image_id] = path
+    if not pairs:
+        raise SmallCapError(f"{data}: no images{'' if split is None else f' in split {split!r}'}")
+    return list(pairs.items())
+
+
+def _read_partial(path: Path) -> dict[str, str]:
+    done = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                done[str(row["image_id"])] = row["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut off by an interruption: that image is captioned again
+    return done
+
+
+def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output: str | os.PathLike,
+            retrieved: dict[str, list[str]] | None = None, features=None, batch_size: int = 16,
+            progress: bool = True) -> PredictionReport:
+    """Caption `images` and write `[{"image_id", "caption"}]` to `output` atomically.
+
+    Progress is appended to `output.partial.jsonl`, so an interrupted run continues where it stopped. With
+    `features` (a FeatureCache of this model's encoder), cached encoder states replace the vision forward pass
+    when the prompt needs no images (retrieved captions given, or no retrieval).
+    """
+    output = Path(output)
+    partial = output.with_name(output.name + ".partial.jsonl")
+    done = _read_partial(partial)
+    todo = [(image_id, path) for image_id, path in images if str(image_id) not in done]
+    if retrieved is not None:
+        missing = [str(i) for i, _ in todo if str(i) not in retrieved]
+        if missing:
+            raise SmallCapError(f"no retrieved captions for image ids {', '.join(missing[:5])}"
+                                f"{' ...' if len(missing) > 5 else ''}")
+    use_features = features is not None and (retrieved is not None or not captioner.use_retrieval)
+    failed: dict[str, str] = {}
+    bar = tqdm(total=len(todo), desc="predicting", unit="image", disable=not progress, file=sys.stderr)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "a", encoding="utf-8") as log:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            caps = None if retrieved is None else [retrieved[str(i)] for i, _ in batch]
+            if use_features and all(str(i) in features for i, _ in batch):
+                states = torch.from_numpy(np.stack([features[str(i)] for i, _ in batch]))
+                captions = captioner.caption_encoded(states.float(), caps if captioner.use_retrieval else None)
+                results = [(i, c, None) for (i, _), c in zip(batch, captions)]
+            else:
+                outcome = captioner([path for _, path in batch], retrieved=caps, batch_size=batch_size)
+                results = [(i, r.caption, r.error) for (i, _), r in zip(batch, outcome)]
+            for image_id, caption, error in results:
+                if error:
+                    failed[str(image_id)] = error
+                else:
+                    done[str(image_id)] = caption
+                    log.write(json.dumps({"image_id": image_id, "caption": caption}, ensure_ascii=False) + "\n")
+            log.flush()
+            bar.update(len(batch))
+    bar.close()
+    order = {str(image_id): image_id for image_id, _ in images}
+    rows = [{"image_id": order[key], "caption": done[key]} for key in order if key in done]
+    atomic_write_json(output, rows)
+    if not failed:
+        partial.unlink(missing_ok=True)
+    return PredictionReport(len(todo) - len(failed), len(images) - len(todo), failed, output)
