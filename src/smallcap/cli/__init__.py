@@ -14,6 +14,7 @@ from smallcap.errors import SmallCapError
 
 COMMANDS = [
     "smallcap.cli.caption",
+    "smallcap.cli.datastore",
 ]
 
 
