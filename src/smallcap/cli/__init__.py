@@ -16,6 +16,7 @@ COMMANDS = [
     "smallcap.cli.caption",
     "smallcap.cli.predict",
     "smallcap.cli.evaluate",
+    "smallcap.cli.datastore",
 ]
 
 

@@ -5,6 +5,7 @@ The Hugging Face CLIP backend is built in; other backends (open_clip) plug in be
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -86,8 +87,24 @@ class HFCLIPEncoder:
         return np.concatenate(out)
 
 
+def canonical_encoder_name(name: str) -> str:
+    """The form of an encoder name that datastores record and compare.
+
+    A local path becomes absolute; `open_clip:ARCH` gains the default `/openai` weights tag; Hub ids
+    and other names are unchanged.
+    """
+    if name.startswith("open_clip:"):
+        from smallcap.retrieval.open_clip_encoder import parse_open_clip_name
+
+        return "open_clip:{}/{}".format(*parse_open_clip_name(name))
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def load_encoder(name: str = DEFAULT_RETRIEVAL_ENCODER, device: str = "cpu") -> RetrievalEncoder:
     """Resolve an encoder name: `open_clip:ARCH[/PRETRAINED]` for open_clip, anything else a HF CLIP id or path."""
     if name.startswith("open_clip:"):
-        raise NotImplementedError("open_clip backend: see smallcap.retrieval.open_clip_encoder")
+        from smallcap.retrieval.open_clip_encoder import OpenCLIPEncoder
+
+        return OpenCLIPEncoder.from_name(name, device=device)
     return HFCLIPEncoder.from_pretrained(name, device=device)

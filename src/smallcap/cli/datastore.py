@@ -1,0 +1,164 @@
+"""`smallcap datastore build|import|info|search`: create, inspect and query caption datastores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from smallcap.data import DATASTORE_SPLITS, FORMATS
+from smallcap.errors import SmallCapError
+
+DEFAULT_ENCODER = "openai/clip-vit-base-patch32"  # smallcap.retrieval.encoders.DEFAULT_RETRIEVAL_ENCODER (not
+# imported here so that the CLI starts without torch)
+
+
+def register(subparsers) -> None:
+    """Add `datastore` and its sub-verbs."""
+    parser = subparsers.add_parser("datastore", help="build, import, inspect and search caption datastores")
+    verbs = parser.add_subparsers(dest="datastore_command", required=True, metavar="VERB")
+
+    build = verbs.add_parser("build", help="embed caption files into a new datastore (resumable)")
+    build.add_argument("inputs", nargs="+", metavar="INPUT", help="caption files (text, JSON, COCO, Karpathy, "
+                       "MSR-VTT, JSONL, CSV, Parquet)")
+    build.add_argument("--out", required=True, help="datastore directory to create")
+    build.add_argument("--encoder", default=DEFAULT_ENCODER,
+                       help="HF CLIP id/path or open_clip:ARCH[/PRETRAINED] (default %(default)s)")
+    build.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"],
+                       help="index type (default: chosen from the caption count and --memory-budget)")
+    build.add_argument("--memory-budget", type=float, default=4.0, metavar="GIB",
+                       help="RAM for raw vectors before auto switches to a compressed index (default %(default)s)")
+    build.add_argument("--max-tokens", type=int, default=25,
+                       help="drop captions longer than this many GPT-2 tokens; 0 keeps all (default %(default)s)")
+    build.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer id or directory for --max-tokens")
+    build.add_argument("--dedupe", action="store_true", help="keep only the first copy of identical captions")
+    build.add_argument("--splits", default=",".join(DATASTORE_SPLITS),
+                       help="splits kept from Karpathy/MSR-VTT files, comma-separated, or 'all' (default %(default)s)")
+    build.add_argument("--format", choices=FORMATS, help="input format (default: detected per file)")
+    build.add_argument("--column", default="caption", help="caption column of JSONL/CSV/Parquet/JSON records")
+    build.add_argument("--id-column", help="image id column of JSONL/CSV/Parquet/JSON records")
+    build.add_argument("--batch-size", type=int, default=256, help="captions per encoder batch")
+    build.add_argument("--shard-size", type=int, default=16384, help="captions per resumable embedding shard")
+    build.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    build.set_defaults(func=run_build)
+
+    imp = verbs.add_parser("import", help="import a published faiss index and its caption file")
+    imp.add_argument("--index", required=True, help="faiss index file (e.g. coco_index)")
+    imp.add_argument("--captions", required=True,
+                     help="JSON list of captions, or object keyed by row id, aligned with the index rows")
+    imp.add_argument("--encoder", required=True, help="encoder the index was embedded with (e.g. open_clip:RN50x64)")
+    imp.add_argument("--out", required=True, help="datastore directory to create")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    imp.set_defaults(func=run_import)
+
+    info = verbs.add_parser("info", help="describe a datastore")
+    info.add_argument("directory")
+    info.add_argument("--json", action="store_true", help="print the full manifest as JSON")
+    info.set_defaults(func=run_info)
+
+    search = verbs.add_parser("search", help="retrieve the captions nearest to images or texts")
+    search.add_argument("directories", nargs="+", metavar="DIR", help="one datastore, or several to combine")
+    search.add_argument("--image", nargs="+", default=[], help="image files to query with")
+    search.add_argument("--text", nargs="+", default=[], help="texts to query with")
+    search.add_argument("-k", type=int, default=10, help="captions per query (default %(default)s)")
+    search.add_argument("--exclude", help="drop captions whose source id is this (the query image's own id)")
+    search.add_argument("--encoder", help="query encoder (default: the one the datastore names)")
+    search.add_argument("--device", default="auto")
+    search.add_argument("--json", action="store_true", help="print results as JSON")
+    search.set_defaults(func=run_search)
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """`datastore build`."""
+    from smallcap.retrieval.build import build_datastore
+
+    splits = None if args.splits == "all" else [split for split in args.splits.split(",") if split]
+    store = build_datastore(
+        args.inputs, args.out, args.encoder, index=args.index, max_tokens=args.max_tokens or None,
+        tokenizer=args.tokenizer, dedupe=args.dedupe, batch_size=args.batch_size, shard_size=args.shard_size,
+        splits=splits, format=args.format, column=args.column, id_column=args.id_column,
+        memory_budget=int(args.memory_budget * 2**30), overwrite=args.overwrite, device=_device(args.device))
+    print(f"{store.directory}: {len(store)} captions, {store.manifest['index']['type']} index, {store.encoder_name}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """`datastore import`."""
+    from smallcap.retrieval.build import import_datastore
+
+    store = import_datastore(args.index, args.captions, args.encoder, args.out, overwrite=args.overwrite)
+    print(f"{store.directory}: {len(store)} captions, {store.manifest['index']['faiss']}, {store.encoder_name}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """`datastore info`."""
+    from smallcap.retrieval.datastore import Datastore
+
+    store = Datastore.load(args.directory)
+    manifest = store.manifest
+    if args.json:
+        print(json.dumps(manifest, indent=1, ensure_ascii=False))
+        return 0
+    index = manifest["index"]
+    print(f"datastore   {store.directory}")
+    print(f"captions    {len(store)}")
+    print(f"encoder     {store.encoder_name} ({store.dim}-d, {manifest['encoder']['normalisation']})")
+    print(f"index       {index['type']} ({index['faiss']}, {index['metric']}) {index['params']}")
+    for item in manifest["inputs"]:
+        print(f"input       {item['path']} ({item['records']} records, sha256 {item['sha256'][:12]})")
+    if manifest.get("filters"):
+        filters = manifest["filters"]
+        print(f"filters     max_tokens={filters['max_tokens']} dedupe={filters['dedupe']} splits={filters['splits']}")
+        print(f"counts      {filters['counts']}")
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """`datastore search`."""
+    from smallcap.retrieval.datastore import load_datastores
+    from smallcap.retrieval.encoders import load_encoder
+
+    if not args.image and not args.text:
+        raise SmallCapError("nothing to search for: give --image FILE... and/or --text TEXT...")
+    store = load_datastores(args.directories)
+    encoder = load_encoder(args.encoder or store.encoder_name, device=_device(args.device))
+    store.check_encoder(encoder)
+    images = [_open_image(path) for path in args.image]
+    queries = [*args.image, *args.text]
+    embeddings = np.concatenate([encoder.embed_images(images), encoder.embed_texts(args.text)])
+    exclude = None if args.exclude is None else [args.exclude] * len(queries)
+    hits = store.search(embeddings, args.k, exclude_source_ids=exclude)
+    rows = [{"query": query, "results": [{"caption": c, "score": round(s, 6), "source_id": i}
+                                         for c, s, i in zip(hits.captions[q], hits.scores[q], hits.source_ids[q])]}
+            for q, query in enumerate(queries)]
+    if args.json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return 0
+    for row in rows:
+        print(row["query"])
+        for rank, hit in enumerate(row["results"], start=1):
+            print(f"  {rank:2d}. {hit['score']:.4f}  {hit['caption']}  [{hit['source_id']}]")
+    return 0
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(Path(path)).convert("RGB")
+    except FileNotFoundError:
+        raise SmallCapError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise SmallCapError(f"{path} is not a readable image ({error})") from None

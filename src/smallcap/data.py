@@ -1,0 +1,300 @@
+"""Caption-file readers: every supported format becomes a stream of `CaptionRecord`s.
+
+Formats (auto-detected from the extension, and for `.json` from the content; `format=` overrides):
+
+| format     | what it looks like                                                                     | image id        |
+|------------|----------------------------------------------------------------------------------------|-----------------|
+| `text`     | UTF-8 text, one caption per line (blank lines skipped)                                 | line number     |
+| `json`     | a JSON list of caption strings, or of objects with a caption field (`column`)          | list position   |
+| `coco`     | COCO caption annotations `{"images": [...], "annotations": [{"image_id", "caption"}]}`  | `image_id`      |
+| `karpathy` | Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`)                    | `cocoid`, else `imgid` |
+| `msrvtt`   | MSR-VTT `{"videos": [{"video_id", "split"}], "sentences": [{"video_id", "caption"}]}`  | `video_id`      |
+| `jsonl`    | one JSON object per line with a caption field (`column`)                               | `id_column`, else `image_id`, else line |
+| `csv`      | a header row, then one caption per row (`.tsv`: tab-separated)                         | as jsonl        |
+| `parquet`  | a table with a caption column (needs pyarrow: `pip install smallcap[parquet]`)         | as jsonl        |
+
+Table-like formats (json objects, jsonl, csv, parquet) also pick up an image file from the first of
+`IMAGE_COLUMNS` present (or `image_column`) and a split from a `split` column, so training code can read
+(image, caption, split) triples from them. Captions have their whitespace collapsed to single spaces
+(COCO has captions ending in newlines, which would break the prompt's "\\n\\n"-separated layout).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from smallcap.errors import SmallCapError
+
+FORMATS = ("text", "json", "coco", "karpathy", "msrvtt", "jsonl", "csv", "parquet")
+EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
+              ".parquet": "parquet", ".pq": "parquet"}
+IMAGE_COLUMNS = ("image", "image_file", "file_name", "filename", "image_path")
+# Karpathy's "restval" images are COCO val2014 images that the split moves into training.
+DATASTORE_SPLITS = ("train", "restval")
+
+EXPECTED = {
+    "text": "UTF-8 text with one caption per line",
+    "json": "a JSON list of caption strings (or of objects with a {column!r} field)",
+    "coco": 'COCO caption annotations {{"images": [...], "annotations": [{{"image_id": ..., "caption": ...}}]}}',
+    "karpathy": 'a Karpathy split file {{"images": [{{"cocoid" or "imgid", "split", "sentences": [{{"raw": ...}}]}}]}}',
+    "msrvtt": 'MSR-VTT annotations {{"videos": [{{"video_id", "split"}}], "sentences": [{{"video_id", "caption"}}]}}',
+    "jsonl": "one JSON object per line with a {column!r} field",
+    "csv": "a CSV file whose header has a {column!r} column",
+    "parquet": "a Parquet table with a {column!r} column",
+}
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One caption with where it came from: the image (or video) it describes and the file it was read from.
+
+    `image_id` keeps the file's type (int for COCO/Karpathy, str for MSR-VTT and most tables); datastores
+    compare ids as strings. `image_file` (relative, as written in the file) and `split` are set where the
+    format has them.
+    """
+
+    caption: str
+    image_id: int | str
+    source: str
+    image_file: str | None = None
+    split: str | None = None
+
+
+def clean_caption(text: str) -> str:
+    """Collapse every run of whitespace (newlines included) to one space and strip the ends."""
+    return " ".join(text.split())
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess a file's format from its extension; `.json` files are refined by `read_captions` from content."""
+    return EXTENSIONS.get(Path(path).suffix.lower(), "text")
+
+
+def read_captions(path: str | Path, format: str | None = None, column: str = "caption", id_column: str | None = None,
+                  image_column: str | None = None, splits: Sequence[str] | None = None) -> Iterator[CaptionRecord]:
+    """Yield the caption records of one file.
+
+    `format`: one of FORMATS, or None to detect it. `column`/`id_column`/`image_column`: field names for
+    table-like formats. `splits`: keep only records whose split is one of these (records without a split
+    are always kept); None keeps everything. Raises SmallCapError naming the file (and line) on bad input.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SmallCapError(f"caption file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise SmallCapError(f"unknown caption format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "text":
+        records = _read_text(path)
+    elif fmt == "jsonl":
+        records = _read_jsonl(path, column, id_column, image_column)
+    elif fmt == "csv":
+        records = _read_csv(path, column, id_column, image_column)
+    elif fmt == "parquet":
+        records = _read_parquet(path, column, id_column, image_column)
+    else:
+        records = _read_json_file(path, format, column, id_column, image_column)
+    allowed = None if splits is None else set(splits)
+    for record in records:
+        if allowed is None or record.split is None or record.split in allowed:
+            yield record
+
+
+def read_caption_files(paths: Iterable[str | Path], **options: Any) -> list[CaptionRecord]:
+    """Read several caption files (same options for each) into one list, in order."""
+    return [record for path in paths for record in read_captions(path, **options)]
+
+
+def _error(path: Path, fmt: str, problem: str, line: int | None = None, column: str = "caption") -> SmallCapError:
+    where = f"{path}:{line}" if line is not None else str(path)
+    return SmallCapError(f"{where}: {problem}; expected {EXPECTED[fmt].format(column=column)}")
+
+
+def _read_text(path: Path) -> Iterator[CaptionRecord]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _error(path, "text", "not valid UTF-8 (is this a binary file?)", number) from None
+            if "\x00" in line:
+                raise _error(path, "text", "contains NUL bytes (is this a binary file?)", number)
+            if line.strip():
+                yield CaptionRecord(clean_caption(line), number, str(path))
+
+
+def _table_record(path: Path, fmt: str, row: dict, position: int, line: int | None, column: str,
+                  id_column: str | None, image_column: str | None) -> CaptionRecord:
+    """Turn one row of a table-like format into a record, checking the named fields."""
+    caption = row.get(column)
+    if not isinstance(caption, str):
+        problem = f"no {column!r} field" if caption is None else f"{column!r} is {type(caption).__name__}, not text"
+        raise _error(path, fmt, problem + (f" (fields: {', '.join(map(str, row))})" if caption is None else ""),
+                     line, column)
+    if id_column is not None:
+        if row.get(id_column) in (None, ""):
+            raise _error(path, fmt, f"no {id_column!r} id field", line, column)
+        image_id = row[id_column]
+    else:
+        image_id = row["image_id"] if row.get("image_id") not in (None, "") else position
+    image_key = image_column or next((name for name in IMAGE_COLUMNS if row.get(name)), None)
+    if image_column is not None and not row.get(image_column):
+        raise _error(path, fmt, f"no {image_column!r} image field", line, column)
+    image_file = str(row[image_key]) if image_key else None
+    split = row.get("split") or None
+    return CaptionRecord(clean_caption(caption), image_id, str(path), image_file, None if split is None else str(split))
+
+
+def _read_jsonl(path: Path, column: str, id_column: str | None, image_column: str | None) -> Iterator[CaptionRecord]:
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        number = 0
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise _error(path, "jsonl", f"not JSON ({error.msg})", number, column) from None
+                if not isinstance(row, dict):
+                    raise _error(path, "jsonl", f"a JSON {type(row).__name__}, not an object", number, column)
+                yield _table_record(path, "jsonl", row, number, number, column, id_column, image_column)
+        except UnicodeDecodeError:
+            raise _error(path, "jsonl", "not valid UTF-8", number + 1, column) from None
+
+
+def _read_csv(path: Path, column: str, id_column: str | None, image_column: str | None) -> Iterator[CaptionRecord]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        try:
+            header = reader.fieldnames or []
+            if column not in header:
+                raise _error(path, "csv", f"no {column!r} column in the header (columns: {', '.join(header)})", 1,
+                             column)
+            for position, row in enumerate(reader):
+                if None in row:  # more cells than header columns
+                    raise _error(path, "csv", f"{len(header) + len(row[None])} cells for {len(header)} columns",
+                                 reader.line_num, column)
+                yield _table_record(path, "csv", row, position, reader.line_num, column, id_column, image_column)
+        except UnicodeDecodeError:
+            raise _error(path, "csv", "not valid UTF-8", reader.line_num + 1, column) from None
+        except csv.Error as error:
+            raise _error(path, "csv", f"malformed CSV ({error})", reader.line_num, column) from None
+
+
+def _read_parquet(path: Path, column: str, id_column: str | None, image_column: str | None) -> Iterator[CaptionRecord]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SmallCapError(f"reading {path} needs pyarrow: pip install 'smallcap[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises its own ArrowInvalid/OSError family
+        raise _error(path, "parquet", f"not readable as Parquet ({error})", column=column) from None
+    if column not in table.column_names:
+        raise _error(path, "parquet", f"no {column!r} column (columns: {', '.join(table.column_names)})",
+                     column=column)
+    wanted = [name for name in (column, id_column, image_column, "image_id", "split", *IMAGE_COLUMNS)
+              if name and name in table.column_names]
+    for position, row in enumerate(table.select(list(dict.fromkeys(wanted))).to_pylist()):
+        try:
+            yield _table_record(path, "parquet", row, position, None, column, id_column, image_column)
+        except SmallCapError as error:
+            raise SmallCapError(f"{error} (row {position})") from None
+
+
+def _read_json_file(path: Path, format: str | None, column: str, id_column: str | None,
+                    image_column: str | None) -> Iterator[CaptionRecord]:
+    """Load a JSON document once, work out which JSON format it is (unless given), and read it."""
+    fmt = format or "json"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise _error(path, fmt, f"not valid JSON ({error.msg}, column {error.colno})", error.lineno, column) from None
+    except UnicodeDecodeError:
+        raise _error(path, fmt, "not valid UTF-8", column=column) from None
+    fmt = format or _json_kind(data)
+    if fmt == "json":
+        return _read_json_list(path, data, column, id_column, image_column)
+    return {"coco": _read_coco, "karpathy": _read_karpathy, "msrvtt": _read_msrvtt}[fmt](path, data)
+
+
+def _json_kind(data: Any) -> str:
+    if isinstance(data, dict):
+        images = data.get("images")
+        if "videos" in data and "sentences" in data:
+            return "msrvtt"
+        if "annotations" in data:
+            return "coco"
+        if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
+            return "karpathy"
+    return "json"
+
+
+def _read_json_list(path: Path, data: Any, column: str, id_column: str | None,
+                    image_column: str | None) -> Iterator[CaptionRecord]:
+    if not isinstance(data, list):
+        raise _error(path, "json", f"a JSON {type(data).__name__} of an unknown layout", column=column)
+    for position, item in enumerate(data):
+        if isinstance(item, str):
+            yield CaptionRecord(clean_caption(item), position, str(path))
+        elif isinstance(item, dict):
+            try:
+                yield _table_record(path, "json", item, position, None, column, id_column, image_column)
+            except SmallCapError as error:
+                raise SmallCapError(f"{error} (item {position})") from None
+        else:
+            raise _error(path, "json", f"item {position} is a {type(item).__name__}", column=column)
+
+
+def _require(path: Path, fmt: str, item: Any, keys: Sequence[str], where: str) -> None:
+    if not isinstance(item, dict) or any(key not in item for key in keys):
+        missing = keys if not isinstance(item, dict) else [key for key in keys if key not in item]
+        raise _error(path, fmt, f"{where} has no {', '.join(map(repr, missing))}")
+
+
+def _require_lists(path: Path, fmt: str, data: Any, keys: Sequence[str]) -> None:
+    for key in keys:
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise _error(path, fmt, f"no {key!r} list at the top level")
+
+
+def _read_coco(path: Path, data: dict) -> Iterator[CaptionRecord]:
+    _require_lists(path, "coco", data, ("annotations",))
+    files = {image.get("id"): image.get("file_name") for image in data.get("images") or [] if isinstance(image, dict)}
+    for position, annotation in enumerate(data["annotations"]):
+        _require(path, "coco", annotation, ("image_id", "caption"), f"annotation {position}")
+        image_id = annotation["image_id"]
+        yield CaptionRecord(clean_caption(str(annotation["caption"])), image_id, str(path), files.get(image_id))
+
+
+def _read_karpathy(path: Path, data: dict) -> Iterator[CaptionRecord]:
+    _require_lists(path, "karpathy", data, ("images",))
+    for position, image in enumerate(data["images"]):
+        _require(path, "karpathy", image, ("sentences",), f"image {position}")
+        image_id = image.get("cocoid", image.get("imgid"))
+        if image_id is None:
+            raise _error(path, "karpathy", f'image {position} has neither "cocoid" nor "imgid"')
+        name = image.get("filename")
+        image_file = str(Path(image["filepath"]) / name) if name and image.get("filepath") else name
+        for sentence in image["sentences"]:
+            _require(path, "karpathy", sentence, ("raw",), f"a sentence of image {position}")
+            yield CaptionRecord(clean_caption(sentence["raw"]), image_id, str(path), image_file, image.get("split"))
+
+
+def _read_msrvtt(path: Path, data: dict) -> Iterator[CaptionRecord]:
+    _require_lists(path, "msrvtt", data, ("videos", "sentences"))
+    splits = {}
+    for position, video in enumerate(data["videos"]):
+        _require(path, "msrvtt", video, ("video_id",), f"video {position}")
+        splits[video["video_id"]] = video.get("split")
+    for position, sentence in enumerate(data["sentences"]):
+        _require(path, "msrvtt", sentence, ("video_id", "caption"), f"sentence {position}")
+        video_id = sentence["video_id"]
+        yield CaptionRecord(clean_caption(sentence["caption"]), video_id, str(path), None, splits.get(video_id))

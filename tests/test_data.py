@@ -1,0 +1,199 @@
+"""Caption-file readers: every format, format detection and overrides, and the errors for bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import COCO_MINI, COCO_VAL_CAPTIONS
+
+from smallcap.data import CaptionRecord, clean_caption, read_caption_files, read_captions
+from smallcap.errors import SmallCapError
+
+COCO_TRAIN = COCO_MINI / "annotations" / "captions_train2017.json"
+
+
+def coco_annotations(path=COCO_TRAIN):
+    return json.loads(path.read_text())
+
+
+def write_karpathy(path, with_cocoid=True):
+    """A Karpathy-format split file made from the real coco-mini captions: one image per split."""
+    data = coco_annotations()
+    files = {image["id"]: image["file_name"] for image in data["images"]}
+    by_image: dict[int, list[str]] = {}
+    for annotation in data["annotations"]:
+        by_image.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    images = []
+    for position, (image_id, captions) in enumerate(sorted(by_image.items())[:4]):
+        image = {"filepath": "train2014", "filename": files[image_id], "imgid": position,
+                 "split": ["train", "restval", "val", "test"][position],
+                 "sentences": [{"raw": caption, "tokens": caption.lower().split()} for caption in captions]}
+        if with_cocoid:
+            image["cocoid"] = image_id
+        else:
+            del image["filepath"]
+        images.append(image)
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return images
+
+
+def test_clean_caption_collapses_whitespace():
+    assert clean_caption("  Two pizza pies sitting atop a stove\n.\n") == "Two pizza pies sitting atop a stove ."
+
+
+def test_coco_annotations_real_file():
+    records = list(read_captions(COCO_TRAIN))
+    data = coco_annotations()
+    assert len(records) == len(data["annotations"])
+    first, annotation = records[0], data["annotations"][0]
+    image = next(image for image in data["images"] if image["id"] == annotation["image_id"])
+    assert first == CaptionRecord(clean_caption(annotation["caption"]), annotation["image_id"], str(COCO_TRAIN),
+                                  image["file_name"], None)
+    assert all(isinstance(record.image_id, int) for record in records)
+
+
+def test_coco_val_captions_whitespace_is_cleaned():
+    records = list(read_captions(COCO_VAL_CAPTIONS))
+    assert len(records) == 25014
+    assert not any("\n" in record.caption or record.caption != record.caption.strip() for record in records)
+
+
+def test_text_one_caption_per_line(tmp_path):
+    path = tmp_path / "caps.txt"
+    path.write_text("A man riding a horse.\n\n  a  dog on a couch \n")
+    records = list(read_captions(path))
+    assert [(r.caption, r.image_id) for r in records] == [("A man riding a horse.", 1), ("a dog on a couch", 3)]
+
+
+def test_text_binary_file_is_an_error(tmp_path):
+    path = tmp_path / "caps.txt"
+    path.write_bytes(b"a fine caption\n\xff\xfe\x00junk\n")
+    with pytest.raises(SmallCapError, match=r"caps.txt:2: not valid UTF-8.*one caption per line"):
+        list(read_captions(path))
+
+
+def test_json_list_of_strings_and_of_objects(tmp_path):
+    strings = tmp_path / "list.json"
+    strings.write_text(json.dumps(["a cat", "a dog"]))
+    assert [(r.caption, r.image_id) for r in read_captions(strings)] == [("a cat", 0), ("a dog", 1)]
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps([{"text": "a cat", "image_id": 7, "image": "7.jpg", "split": "train"}]))
+    assert list(read_captions(objects, column="text")) == [CaptionRecord("a cat", 7, str(objects), "7.jpg", "train")]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(["a cat", 3]))
+    with pytest.raises(SmallCapError, match=r"bad.json: item 1 is a int; expected a JSON list of caption strings"):
+        list(read_captions(bad))
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n"a cat",\n"a dog"\n')
+    with pytest.raises(SmallCapError, match=r"broken.json:4: not valid JSON"):
+        list(read_captions(path))
+
+
+@pytest.mark.parametrize("with_cocoid", [True, False], ids=["coco", "flickr"])
+def test_karpathy_split_file(tmp_path, with_cocoid):
+    path = tmp_path / "dataset_coco.json"
+    images = write_karpathy(path, with_cocoid)
+    records = list(read_captions(path))
+    assert len(records) == sum(len(image["sentences"]) for image in images)
+    assert {r.split for r in records} == {"train", "restval", "val", "test"}
+    first = images[0]
+    expected_id = first["cocoid"] if with_cocoid else first["imgid"]
+    expected_file = f"train2014/{first['filename']}" if with_cocoid else first["filename"]
+    assert records[0] == CaptionRecord(clean_caption(first["sentences"][0]["raw"]), expected_id, str(path),
+                                       expected_file, "train")
+    kept = list(read_captions(path, splits=("train", "restval")))
+    assert {r.split for r in kept} == {"train", "restval"}
+    assert len(kept) == len(images[0]["sentences"]) + len(images[1]["sentences"])
+
+
+def test_msrvtt_annotations(tmp_path):
+    path = tmp_path / "train_val_videodatainfo.json"
+    path.write_text(json.dumps({
+        "videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video9", "split": "test"}],
+        "sentences": [{"video_id": "video0", "caption": "a man is singing", "sen_id": 0},
+                      {"video_id": "video9", "caption": "a cartoon plays", "sen_id": 1}]}))
+    records = list(read_captions(path))
+    assert records[0] == CaptionRecord("a man is singing", "video0", str(path), None, "train")
+    assert [r.image_id for r in read_captions(path, splits=["train"])] == ["video0"]
+
+
+def test_jsonl_with_columns_and_errors(tmp_path):
+    path = tmp_path / "caps.jsonl"
+    path.write_text('{"text": "a cat", "img": "c1", "file_name": "c1.jpg"}\n\n{"text": "a dog", "img": "d1"}\n')
+    records = list(read_captions(path, column="text", id_column="img"))
+    assert records == [CaptionRecord("a cat", "c1", str(path), "c1.jpg"), CaptionRecord("a dog", "d1", str(path))]
+    # Without an id column the line number is the id.
+    assert [r.image_id for r in read_captions(path, column="text")] == [1, 3]
+    with pytest.raises(SmallCapError, match=r"caps.jsonl:1: no 'caption' field \(fields: text, img, file_name\)"):
+        list(read_captions(path))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption": "fine"}\n{"caption": "fine"}\n{"caption": broken}\n')
+    with pytest.raises(SmallCapError, match=r"bad.jsonl:3: not JSON .*one JSON object per line"):
+        list(read_captions(bad))
+    listed = tmp_path / "list.jsonl"
+    listed.write_text('["a cat"]\n')
+    with pytest.raises(SmallCapError, match=r"list.jsonl:1: a JSON list, not an object"):
+        list(read_captions(listed))
+
+
+def test_csv_and_tsv(tmp_path):
+    path = tmp_path / "caps.csv"
+    path.write_text('image_id,caption,image\n5,"a cat, on a mat",5.jpg\n6,a dog,6.jpg\n')
+    assert list(read_captions(path)) == [CaptionRecord("a cat, on a mat", "5", str(path), "5.jpg"),
+                                         CaptionRecord("a dog", "6", str(path), "6.jpg")]
+    tsv = tmp_path / "caps.tsv"
+    tsv.write_text("sentence\tvid\na cat\tv1\n")
+    assert list(read_captions(tsv, column="sentence", id_column="vid")) == [CaptionRecord("a cat", "v1", str(tsv))]
+    with pytest.raises(SmallCapError, match=r"caps.csv:1: no 'text' column in the header \(columns: image_id, caption, "
+                                            r"image\); expected a CSV file whose header has a 'text' column"):
+        list(read_captions(path, column="text"))
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("caption\na cat\na dog,extra\n")
+    with pytest.raises(SmallCapError, match=r"ragged.csv:3: 2 cells for 1 columns"):
+        list(read_captions(ragged))
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (pip install smallcap[parquet])")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "caps.parquet"
+    pq.write_table(pa.table({"caption": ["a cat", "a dog"], "image_id": [1, 2], "split": ["train", "val"]}), path)
+    assert list(read_captions(path)) == [CaptionRecord("a cat", 1, str(path), None, "train"),
+                                         CaptionRecord("a dog", 2, str(path), None, "val")]
+    with pytest.raises(SmallCapError, match=r"caps.parquet: no 'text' column \(columns: caption, image_id, split\)"):
+        list(read_captions(path, column="text"))
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    with pytest.raises(SmallCapError, match=r"garbage.parquet: not readable as Parquet"):
+        list(read_captions(garbage))
+
+
+def test_format_override_and_detection_errors(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text('{"caption": "a cat"}\n')
+    assert [r.caption for r in read_captions(path)] == ['{"caption": "a cat"}']  # detected as text
+    assert [r.caption for r in read_captions(path, format="jsonl")] == ["a cat"]
+    coco_as_karpathy = tmp_path / "coco.json"
+    coco_as_karpathy.write_text(json.dumps(coco_annotations()))
+    with pytest.raises(SmallCapError, match=r"coco.json: no 'images' list|image 0 has no 'sentences'"):
+        list(read_captions(coco_as_karpathy, format="karpathy"))
+    with pytest.raises(SmallCapError, match="unknown caption format 'yaml'"):
+        list(read_captions(path, format="yaml"))
+    with pytest.raises(SmallCapError, match="missing.txt does not exist"):
+        list(read_captions(tmp_path / "missing.txt"))
+    unknown = tmp_path / "dict.json"
+    unknown.write_text(json.dumps({"something": 1}))
+    with pytest.raises(SmallCapError, match="dict.json: a JSON dict of an unknown layout"):
+        list(read_captions(unknown))
+
+
+def test_read_several_files_in_order(tmp_path):
+    one, two = tmp_path / "one.txt", tmp_path / "two.txt"
+    one.write_text("first\n")
+    two.write_text("second\n")
+    assert [(r.caption, r.source) for r in read_caption_files([one, two])] == [("first", str(one)), ("second", str(two))]
