@@ -68,6 +68,10 @@ def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir
         pairs[record.image_id] = path
     if not pairs:
         raise SmallCapError(f"{data}: no images{'' if split is None else f' in split {split!r}'}")
+    missing = [str(path) for path in pairs.values() if not path.is_file()]
+    if missing:
+        raise SmallCapError(f"{data}: {len(missing)} of {len(pairs)} image files not found, e.g. {missing[0]}; "
+                            "pass --images-dir with the folder that holds them")
     return list(pairs.items())
 
 

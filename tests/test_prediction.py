@@ -1,0 +1,79 @@
+"""`smallcap predict` then `smallcap evaluate`, end to end through the CLI on real COCO images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import COCO_MINI, GOLDEN, run_cli
+
+VAL = COCO_MINI / "val2017"
+
+
+@pytest.fixture(scope="module")
+def small_split(tmp_path_factory):
+    """COCO-format annotations for 6 real val2017 images, and a Karpathy file putting 3 of them in `test`."""
+    root = tmp_path_factory.mktemp("split")
+    coco = json.loads((COCO_MINI / "annotations/captions_val2017.json").read_text())
+    images = sorted(coco["images"], key=lambda im: im["file_name"])[6:12]
+    ids = {im["id"] for im in images}
+    subset = {"images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+    (root / "captions.json").write_text(json.dumps(subset))
+    karpathy = {"images": [{"cocoid": im["id"], "filepath": "val2017", "filename": im["file_name"],
+                            "split": "test" if n < 3 else "train",
+                            "sentences": [{"raw": a["caption"]} for a in subset["annotations"]
+                                          if a["image_id"] == im["id"]]} for n, im in enumerate(images)]}
+    (root / "dataset_coco.json").write_text(json.dumps(karpathy))
+    return root, sorted(ids)
+
+
+def test_predict_then_evaluate_coco_format(small_split, tmp_path):
+    root, ids = small_split
+    preds = tmp_path / "preds.json"
+    result = run_cli("predict", root / "captions.json", "--images-dir", VAL, "--model", GOLDEN, "--no-retrieval",
+                     "--out", preds, "--batch-size", "4")
+    assert "6 captioned, 0 already done, 0 failed" in result.stderr
+    rows = json.loads(preds.read_text())
+    assert sorted(r["image_id"] for r in rows) == ids
+    assert all(isinstance(r["caption"], str) for r in rows)
+    scores = tmp_path / "scores.json"
+    run_cli("evaluate", "--references", root / "captions.json", "--predictions", preds, "--out", scores)
+    result = json.loads(scores.read_text())
+    assert result["num_images"] == 6
+    assert set(result["scores"]) >= {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+
+
+def test_predict_karpathy_split_with_retrieved_and_resume(small_split, tmp_path):
+    root, ids = small_split
+    retrieved = {str(i): [f"a photo number {n}", "a picture"] for n, i in enumerate(ids)}
+    (tmp_path / "retrieved.json").write_text(json.dumps(retrieved))
+    preds = tmp_path / "preds.json"
+    test_ids = [im["cocoid"] for im in json.loads((root / "dataset_coco.json").read_text())["images"]
+                              if im["split"] == "test"]
+    # An interrupted earlier run: one image done, and a line cut off mid-write.
+    partial = tmp_path / "preds.json.partial.jsonl"
+    partial.write_text(json.dumps({"image_id": test_ids[0], "caption": "kept from the first run"}) + "\n"
+                       + '{"image_id": ' + str(test_ids[1]))
+    shutil.copytree(VAL, root / "val2017", dirs_exist_ok=True)
+    result = run_cli("predict", root / "dataset_coco.json", "--split", "test", "--model", GOLDEN,
+                     "--retrieved", tmp_path / "retrieved.json", "--out", preds)
+    assert "2 captioned, 1 already done" in result.stderr
+    rows = json.loads(preds.read_text())
+    assert [r["image_id"] for r in rows] == test_ids
+    assert rows[0]["caption"] == "kept from the first run"
+    assert not partial.exists()
+
+
+def test_predict_bad_inputs(small_split, tmp_path):
+    root, _ = small_split
+    cases = [
+        (["predict", tmp_path / "missing.json"], "no such file"),
+        (["predict", root / "captions.json", "--images-dir", tmp_path], "image files not found"),
+        (["predict", root / "dataset_coco.json", "--split", "nope"], "no images in split 'nope'"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args, "--model", GOLDEN, "--no-retrieval", "--out", tmp_path / "p.json", check=False)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "p.json").exists()
