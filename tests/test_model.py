@@ -143,4 +143,9 @@ def test_tokenizer_conventions():
     tokenizer = load_tokenizer(str(GPT2_TOKENIZER_DIR))
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 13)
     assert tokenizer.encode("a man riding a horse.") == [64, 582, 10311, 257, 8223, 13]
+    # Pad and end are plain BPE text, as with the reference: ".." and "!!" are single tokens.
+    for source in (GPT2_TOKENIZER_DIR, GOLDEN):
+        tokenizer = load_tokenizer(str(source))
+        assert tokenizer.encode("a bike..") == [64, 7161, 492] and tokenizer.encode("wow!!") == [42773, 3228]
+        assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 13)
     assert isinstance(GPT2Tokenizer.from_pretrained(GPT2_TOKENIZER_DIR), GPT2Tokenizer)

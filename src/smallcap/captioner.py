@@ -82,10 +82,13 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, *, tokenizer: str | None = None,
                         image_processor: str | None = None, device: str = "cpu",
-                        dtype: torch.dtype | None = None, **kwargs) -> "Captioner":
+                        dtype: torch.dtype | None = None, datastores: Sequence[str] | None = None,
+                        retrieval_encoder: str | None = None, **kwargs) -> "Captioner":
         """Load a SmallCap checkpoint (Hub id or directory) with its tokenizer and image processor.
 
         Tokenizer and image processor come from the checkpoint if it has them, else from its base models.
+        With `datastores`, captions are retrieved from them (combined) with `retrieval_encoder` (default: the
+        encoder the datastores were built with).
         """
         from transformers import AutoImageProcessor
 
@@ -99,6 +102,11 @@ class Captioner:
         processor = _load_with_fallback(
             AutoImageProcessor.from_pretrained,
             [image_processor, directory, _base_name(config.encoder, DEFAULT_ENCODER)], "image processor")
+        if datastores:
+            from smallcap.retrieval.retriever import DatastoreRetriever
+
+            kwargs["retriever"] = DatastoreRetriever.from_directories(
+                datastores, retrieval_encoder, vision_model=smallcap.encoder, device=device)
         return cls(smallcap, tok, processor, **kwargs)
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -30,7 +30,23 @@ def load_tokenizer(name_or_path: str):
             tokenizer = GPT2Tokenizer.from_pretrained(name_or_path)
     tokenizer.pad_token = "!"
     tokenizer.eos_token = "."
+    _encode_pad_and_end_as_plain_text(tokenizer)
     return tokenizer
+
+
+def _encode_pad_and_end_as_plain_text(tokenizer) -> None:
+    # transformers 5 registers special tokens with the backend as "added tokens", which are split out of the
+    # text before BPE: "a bike.." would encode as [.., 13, 13] instead of the reference's [.., 492]. In SmallCap
+    # `!` and `.` are ordinary vocabulary entries that merely serve as pad and end, so unregister them.
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    kept = [token for token in spec.get("added_tokens", []) if token["content"] not in ("!", ".")]
+    if len(kept) != len(spec.get("added_tokens", [])):
+        spec["added_tokens"] = kept
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
 
 
 def build_prompt(retrieved: Sequence[str] | None, k: int = 4) -> str:

@@ -28,6 +28,10 @@ def add_captioner_arguments(parser) -> None:
     source.add_argument("--retrieved", type=Path, metavar="FILE.json",
                         help="retrieved captions as {image_id: [captions]}; keys match the file stem or its integer value")
     source.add_argument("--no-retrieval", action="store_true", help="prompt without retrieved captions")
+    source.add_argument("--datastore", action="append", metavar="DIR",
+                        help="retrieve from this caption datastore; repeat to combine several")
+    parser.add_argument("--retrieval-encoder", default=None, metavar="NAME",
+                        help="encoder for --datastore queries (default: the one the datastore was built with)")
     parser.add_argument("--k", type=int, default=None, help="retrieved captions in the prompt (default: the model's, 4)")
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=25)
@@ -50,6 +54,7 @@ def build_captioner(args):
     return Captioner.from_pretrained(
         args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
         k=args.k, use_retrieval=False if args.no_retrieval else None,
+        datastores=args.datastore, retrieval_encoder=args.retrieval_encoder,
         settings=GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens),
         video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles))
 

@@ -77,6 +77,13 @@ class HFCLIPEncoder:
         with torch.inference_mode():
             return _normalise(self.model.get_image_features(pixel_values=pixel_values).pooler_output)
 
+    def image_embeddings_from_states(self, last_hidden_state: torch.Tensor) -> np.ndarray:
+        """Embed from this CLIP's own vision states (CLS -> post-layernorm -> projection), no second pass."""
+        with torch.inference_mode():
+            states = last_hidden_state.to(self.device, self.model.dtype)
+            pooled = self.model.vision_model.post_layernorm(states[:, 0, :])
+            return _normalise(self.model.visual_projection(pooled))
+
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed caption strings (truncated to CLIP's context); returns (n, dim) float32 unit vectors."""
