@@ -14,6 +14,8 @@ from smallcap.errors import SmallCapError
 
 COMMANDS = [
     "smallcap.cli.caption",
+    "smallcap.cli.features",
+    "smallcap.cli.train",
 ]
 
 
