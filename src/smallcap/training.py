@@ -13,7 +13,7 @@ import json
 import math
 import random
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,7 @@ class EpochShuffle(torch.utils.data.Sampler):
         self.size, self.seed, self.epoch = size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation the next iteration yields."""
         self.epoch = epoch
 
     def __iter__(self):
@@ -98,41 +99,25 @@ def train(config: TrainingConfig) -> Path:
     """Train (or resume training) and return the final checkpoint directory. Input problems fail before step 1."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
-    from transformers import AutoImageProcessor, AutoTokenizer, get_linear_schedule_with_warmup
-
-    from smallcap.hub import explain_load_errors
-    from smallcap.modeling import SmallCap, load_smallcap
-    from smallcap.prompt import load_tokenizer
+    from transformers import get_linear_schedule_with_warmup
 
     _validate(config)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+    # cpu=True on a machine without GPUs, so that `torchrun --nproc-per-node N` gives N CPU processes (gloo).
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     _check_device(config, accelerator)
+    config = replace(config, mixed_precision=accelerator.mixed_precision)  # as resolved (flag, env or config)
     output_dir = Path(config.output_dir)
     resume_dir, state = _resume_point(config, output_dir)
-
-    set_seed(config.seed)
-    source = str(resume_dir) if resume_dir else None
-    if resume_dir:
-        model = load_smallcap(resume_dir)
-    else:
-        model = SmallCap.from_encoder_decoder_pretrained(config.encoder, config.decoder, config.reduce_factor)
-        model.config.k, model.config.rag = config.k, not config.no_retrieval
-    model.freeze_for_training(train_decoder=config.train_decoder)
-    tokenizer = load_tokenizer(source or config.decoder)
-    # Checkpoints get the tokenizer as the decoder ships it: saved with eos '.', transformers 5 would reload '.'
-    # as a special token and split '..' (id 492) into two ids; `load_tokenizer` sets '!' and '.' at load time.
-    with explain_load_errors(source or config.decoder, "tokenizer"):
-        plain_tokenizer = AutoTokenizer.from_pretrained(source or config.decoder)
-    with explain_load_errors(source or config.encoder, "image processor"):
-        processor = AutoImageProcessor.from_pretrained(source or config.encoder)
 
     samples = read_training_samples(config.data, config.images, config.split)
     retrieved = None
     if not config.no_retrieval:
         retrieved = load_retrieved(config.retrieved)
         check_retrieved(retrieved, samples, config.k, source=config.retrieved)
+    set_seed(config.seed)
+    model, tokenizer, plain_tokenizer, processor = _load_model(config, resume_dir)
     with accelerator.main_process_first():
         features, samples = prepare_features(samples, model.encoder, processor,
                                              config.features or output_dir / "features", config.encoder,
@@ -217,6 +202,31 @@ def train(config: TrainingConfig) -> Path:
     bar.close()
     accelerator.end_training()
     return Path(last_checkpoint)
+
+
+def _load_model(config: TrainingConfig, resume_dir: Path | None):
+    """(model, tokenizer, tokenizer as shipped, image processor): new from encoder + decoder, or a checkpoint's."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from smallcap.hub import explain_load_errors
+    from smallcap.modeling import SmallCap, load_smallcap
+    from smallcap.prompt import load_tokenizer
+
+    if resume_dir:
+        model = load_smallcap(resume_dir)
+    else:
+        model = SmallCap.from_encoder_decoder_pretrained(config.encoder, config.decoder, config.reduce_factor)
+        model.config.k, model.config.rag = config.k, not config.no_retrieval
+    model.freeze_for_training(train_decoder=config.train_decoder)
+    source = str(resume_dir) if resume_dir else None
+    tokenizer = load_tokenizer(source or config.decoder)
+    # Checkpoints get the tokenizer as the decoder ships it: saved with eos '.', transformers 5 would reload '.'
+    # as a special token and split '..' (id 492) into two ids; `load_tokenizer` sets '!' and '.' at load time.
+    with explain_load_errors(source or config.decoder, "tokenizer"):
+        plain_tokenizer = AutoTokenizer.from_pretrained(source or config.decoder)
+    with explain_load_errors(source or config.encoder, "image processor"):
+        processor = AutoImageProcessor.from_pretrained(source or config.encoder)
+    return model, tokenizer, plain_tokenizer, processor
 
 
 def prepare_features(samples: list[TrainingSample], encoder, processor, cache_dir, encoder_name: str,
@@ -336,6 +346,10 @@ def _save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, proces
 
     rng_states = gather_object([_rng_state()])
     if accelerator.is_main_process:
+        from transformers.utils import logging as transformers_logging
+
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # no "Writing model shards" bar inside the training bar
         # A resumed run may rewrite checkpoints that the interrupted run wrote after its resume point.
         with atomic_directory(directory, overwrite=True) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp)
@@ -349,6 +363,8 @@ def _save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, proces
                 "global_step": global_step, "loss": loss, "num_processes": accelerator.num_processes,
                 "options": _result_options(config), "config": {f.name: _jsonable(getattr(config, f.name))
                                                                for f in fields(config)}})
+        if bars:
+            transformers_logging.enable_progress_bar()
     accelerator.wait_for_everyone()
     return directory
 
