@@ -46,6 +46,14 @@ def _rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def measure(batch_size: int, precision: str, steps: int, device: str) -> dict:
     """Warm up with a batch of 2, then time `steps` steps; returns seconds per step and peak memory."""
     import torch
@@ -120,7 +128,7 @@ def main() -> None:
                 raise SystemExit(f"batch {batch_size} {precision} failed:\n{done.stderr[-2000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "what": "one SmallCap training step (forward, backward, clip, AdamW) from cached 50x768 encoder states",

@@ -159,7 +159,7 @@ def test_two_processes_train_one_model(run, coco, tiny_smallcap_parts, tmp_path)
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "smallcap", "train",
          coco["data"], "--retrieved", coco["retrieved"], "--features", coco["dir"] / "features",
          "--encoder", clip_dir, "--decoder", gpt2_dir, "--output-dir", tmp_path / "ddp", "--epochs", "1",
-         "--batch-size", "10", "--lr", "1e-3", "--no-progress"],
+         "--batch-size", "10", "--lr", "1e-3", "--sample-k-from-7", "--no-progress"],
         capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [str(tmp_path / "ddp" / "epoch-1")]  # printed once, by the main process
@@ -177,12 +177,14 @@ def test_cli_trains_from_images_without_retrieval(coco, tiny_smallcap_parts, tmp
     clip_dir, gpt2_dir = tiny_smallcap_parts
     result = run_cli("train", coco["data"], "--images", coco["images"], "--no-retrieval", "--encoder", clip_dir,
                      "--decoder", gpt2_dir, "--output-dir", tmp_path / "out", "--epochs", "1", "--batch-size", "20",
-                     "--gradient-accumulation-steps", "2")
+                     "--gradient-accumulation-steps", "2", "--mixed-precision", "bf16")
     assert result.stdout.split() == [str(tmp_path / "out" / "epoch-1")]
     assert len(list((tmp_path / "out" / "features").glob("shard-*.npy"))) == 1  # extracted on the fly
     assert [record["step"] for record in read_log(tmp_path / "out")] == [1, 2]  # 40 samples / 20 per step
     config = json.loads((tmp_path / "out" / "epoch-1" / "config.json").read_text())
     assert config["rag"] is False
+    state = json.loads((tmp_path / "out" / "epoch-1" / "training_state" / "trainer_state.json").read_text())
+    assert state["options"]["mixed_precision"] == "bf16"
 
 
 def test_batches_are_padded_to_their_longest_example_without_retrieval(coco, tiny_smallcap_parts):
@@ -263,3 +265,28 @@ def test_bad_inputs_stop_before_the_first_step(coco, tiny_smallcap_parts, tmp_pa
     result = run_cli("train", coco["data"], "--retrieved", coco["retrieved"], "--output-dir", tmp_path / "i",
                      "--batch-size", "10", "--gradient-accumulation-steps", "4", check=False)
     assert result.returncode == 2 and "not divisible by --gradient-accumulation-steps 4" in result.stderr
+
+
+def test_a_few_undecodable_images_are_skipped_and_counted_many_are_an_error(tiny_smallcap_parts, tmp_path, capsys):
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    from smallcap.training import prepare_features
+
+    encoder = CLIPVisionModel.from_pretrained(tiny_smallcap_parts[0])
+    processor = AutoImageProcessor.from_pretrained(tiny_smallcap_parts[0])
+    good = [TrainingSample(p.stem, "a photo.", p) for p in sorted((COCO_MINI / "train2017").glob("*.jpg"))[:2]]
+    broken = []
+    for number in range(11):
+        (tmp_path / f"broken{number}.jpg").write_bytes(b"not a jpeg")
+        broken.append(TrainingSample(f"b{number}", "a photo.", tmp_path / f"broken{number}.jpg"))
+
+    cache, kept = prepare_features(good + broken[:1], encoder, processor, tmp_path / "a", "tiny", progress=False)
+    assert kept == good and sorted(cache) == sorted(s.image_id for s in good)
+    assert "skipping 1 undecodable image(s) and their captions: b0" in capsys.readouterr().err
+    with pytest.raises(SmallCapError, match="11 of 13 images could not be decoded"):
+        prepare_features(good + broken, encoder, processor, tmp_path / "b", "tiny", progress=False)
+
+
+def test_fp16_on_cpu_is_refused_before_anything_runs(coco, tiny_smallcap_parts, tmp_path):
+    _fails_before_training(_config(coco, tiny_smallcap_parts, tmp_path / "fp16", mixed_precision="fp16"),
+                           "fp16 mixed precision needs a GPU")

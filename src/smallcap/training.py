@@ -98,16 +98,26 @@ class EpochShuffle(torch.utils.data.Sampler):
 def train(config: TrainingConfig) -> Path:
     """Train (or resume training) and return the final checkpoint directory. Input problems fail before step 1."""
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
+    from accelerate.state import AcceleratorState, GradientState
 
     _validate(config)
     # cpu=True on a machine without GPUs, so that `torchrun --nproc-per-node N` gives N CPU processes (gloo).
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
-    _check_device(config, accelerator)
-    config = replace(config, mixed_precision=accelerator.mixed_precision)  # as resolved (flag, env or config)
+    try:
+        _check_device(config, accelerator)
+        return _train(replace(config, mixed_precision=accelerator.mixed_precision), accelerator)
+    finally:
+        # Let a later train() in this process choose another precision or accumulation (the process group stays).
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _train(config: TrainingConfig, accelerator) -> Path:
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
     output_dir = Path(config.output_dir)
     resume_dir, state = _resume_point(config, output_dir)
 
