@@ -58,3 +58,17 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR).save_pretrained(out)
     CLIPImageProcessor.from_pretrained(GOLDEN).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_smallcap_parts(tmp_path_factory, tiny_clip_dir) -> tuple[Path, Path]:
+    """(CLIP dir, GPT-2 dir) for a tiny SmallCap: the `tiny_clip_dir` CLIP and a tiny random GPT-2
+    (64-d, 2 layers, 4 heads, GPT-2's real 50,257-token vocabulary) saved with the real GPT-2 tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4)).eval().save_pretrained(out)
+    GPT2Tokenizer.from_pretrained(GPT2_TOKENIZER_DIR).save_pretrained(out)
+    return tiny_clip_dir, out

@@ -17,6 +17,8 @@ COMMANDS = [
     "smallcap.cli.predict",
     "smallcap.cli.evaluate",
     "smallcap.cli.datastore",
+    "smallcap.cli.features",
+    "smallcap.cli.train",
 ]
 
 
