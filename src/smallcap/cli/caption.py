@@ -59,20 +59,6 @@ def build_captioner(args):
         video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles))
 
 
-def load_retrieved(path: Path) -> dict[str, list[str]]:
-    """Read the reference's `{image_id: [captions]}` file, with a clear error for any other form."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SmallCapError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SmallCapError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict) or not all(
-            isinstance(v, list) and all(isinstance(c, str) for c in v) for v in data.values()):
-        raise SmallCapError(f"{path}: expected a JSON object {{image_id: [caption, ...]}}")
-    return data
-
-
 def retrieved_for(path: Path, table: dict[str, list[str]]) -> list[str]:
     """The entry for an image file: keyed by its stem, or by the stem's integer value (000000000139 -> 139)."""
     stem = path.stem
@@ -104,6 +90,8 @@ def run(args) -> int:
         raise SmallCapError("no image files found in " + ", ".join(args.inputs))
     retrieved = None
     if args.retrieved:
+        from smallcap.retrieval.datastore import load_retrieved
+
         table = load_retrieved(args.retrieved)
         retrieved = [retrieved_for(path, table) for path in paths]
     captioner = build_captioner(args)

@@ -330,3 +330,19 @@ def retrieve_for_training(store: Datastore | MultiDatastore, image_embeddings: n
     if out_path is not None:
         atomic_write_json(out_path, retrieved)
     return retrieved
+
+
+def load_retrieved(path: str | Path) -> dict[str, list[str]]:
+    """Read the reference's retrieved-captions file `{"<image_id>": [caption, ...]}` (most similar first), as
+    `retrieve_for_training` writes it; any other form is a clear error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SmallCapError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SmallCapError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(v, list) and all(isinstance(c, str) for c in v) for v in data.values()):
+        raise SmallCapError(f"{path}: expected a JSON object {{image_id: [caption, ...]}}")
+    return {str(key): value for key, value in data.items()}
