@@ -66,8 +66,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 24])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/caption_throughput.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tokenizer = load_tokenizer(str(SHARED / "data/tokenizers/gpt2"))
     processor = CLIPImageProcessor()  # CLIP's defaults: 224 shortest side, centre crop, CLIP mean/std
