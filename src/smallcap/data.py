@@ -219,6 +219,16 @@ def _read_json_file(path: Path, format: str | None, column: str, id_column: str 
         raise _error(path, fmt, f"not valid JSON ({error.msg}, column {error.colno})", error.lineno, column) from None
     except UnicodeDecodeError:
         raise _error(path, fmt, "not valid UTF-8", column=column) from None
+    return read_caption_data(data, path, format, column, id_column, image_column)
+
+
+def read_caption_data(data: Any, source: str | Path, format: str | None = None, column: str = "caption",
+                      id_column: str | None = None, image_column: str | None = None) -> Iterator[CaptionRecord]:
+    """The caption records of an already-loaded JSON document (`source` names it in records and errors).
+
+    `format`: json, coco, karpathy or msrvtt, or None to recognise it from the content.
+    """
+    path = Path(source)
     fmt = format or _json_kind(data)
     if fmt == "json":
         return _read_json_list(path, data, column, id_column, image_column)
