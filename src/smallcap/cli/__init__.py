@@ -31,9 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_output() -> None:
+    # transformers' own weight-loading bars and backend notices are noise on a user's terminal; our commands
+    # show their own progress and report problems themselves.
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    _quiet_library_output()
     try:
         return int(args.func(args) or 0)
     except SmallCapError as error:

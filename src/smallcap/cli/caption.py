@@ -35,8 +35,10 @@ def add_captioner_arguments(parser) -> None:
     parser.add_argument("--k", type=int, default=None, help="retrieved captions in the prompt (default: the model's, 4)")
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16, help="images decoded together (default 16)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="model weights' precision (reduced precision may change some captions)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's")
     parser.add_argument("--image-processor", default=None, help="image processor to use instead of the model's")
     parser.add_argument("--frames", type=int, default=4, help="video: frames sampled evenly over each clip")
@@ -51,8 +53,11 @@ def build_captioner(args):
     from smallcap.generation import GenerationSettings
     from smallcap.images import VideoOptions
 
+    import torch
+
     return Captioner.from_pretrained(
         args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
+        dtype=None if args.dtype == "float32" else getattr(torch, args.dtype),
         k=args.k, use_retrieval=False if args.no_retrieval else None,
         datastores=args.datastore, retrieval_encoder=args.retrieval_encoder,
         settings=GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens),
