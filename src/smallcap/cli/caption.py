@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 def add_captioner_arguments(parser) -> None:
     """Model, retrieval, decoding and video options shared by `caption` and `predict`."""
-    from smallcap.captioner import DEFAULT_MODEL
+    from smallcap.hub import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or checkpoint directory (default {DEFAULT_MODEL})")
     source = parser.add_mutually_exclusive_group()
