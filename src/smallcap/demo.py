@@ -48,6 +48,19 @@ def sample_images() -> list[Path]:
     return images
 
 
+def sample_references() -> dict[str, str]:
+    """A reference caption of each bundled sample image, by file name (from the bundle's `bundle.json`)."""
+    import json
+
+    from smallcap.hub import BUNDLE_DIR
+
+    try:
+        samples = json.loads((BUNDLE_DIR / "bundle.json").read_text(encoding="utf-8"))["samples"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {name: captions[0] for name, captions in samples.items() if captions}
+
+
 def compare_datastores(images: Sequence[str | os.PathLike], model: str = DEMO_MODEL,
                        datastores: Sequence[str] = DEMO_DATASTORES, device: str = "cpu") -> list[DemoRow]:
     """Caption `images` with `model` once per datastore (each a directory or bundled short name)."""
@@ -65,14 +78,18 @@ def compare_datastores(images: Sequence[str | os.PathLike], model: str = DEMO_MO
     return rows
 
 
-def format_rows(rows: Sequence[DemoRow], retrieved: int = 2) -> str:
-    """A readable table: per image, each datastore's caption and the top `retrieved` captions behind it."""
+def format_rows(rows: Sequence[DemoRow], retrieved: int = 2, references: dict[str, str] | None = None) -> str:
+    """A readable table: per image, each datastore's caption and the top `retrieved` captions behind it (and a
+    human reference caption where `references`, keyed by file name, has one)."""
     width = max((len(c.datastore) for row in rows for c in row.captions), default=0) + 6
     lines = []
     for row in rows:
         lines.append(row.image if not row.error else f"{row.image}\n  ERROR: {row.error}")
         if row.error:
             continue
+        reference = (references or {}).get(Path(row.image).name)
+        if reference:
+            lines.append(f"  {'reference:':<{width}} {reference}")
         for entry in row.captions:
             lines.append(f"  {'with ' + entry.datastore + ':':<{width}} {entry.caption}")
             for index, caption in enumerate(entry.retrieved[:retrieved]):
