@@ -72,3 +72,22 @@ def tiny_smallcap_parts(tmp_path_factory, tiny_clip_dir) -> tuple[Path, Path]:
     GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4)).eval().save_pretrained(out)
     GPT2Tokenizer.from_pretrained(GPT2_TOKENIZER_DIR).save_pretrained(out)
     return tiny_clip_dir, out
+
+
+@pytest.fixture(scope="session")
+def tiny_smallcap(tiny_smallcap_parts, tmp_path_factory) -> Path:
+    """A tiny SmallCap checkpoint directory: the tiny CLIP's vision tower and the tiny GPT-2 with new
+    cross-attention, saved with the GPT-2 tokenizer and the CLIP image processor, loadable by `--model`."""
+    import torch
+    from transformers import CLIPImageProcessor
+
+    from smallcap.modeling import SmallCap
+    from smallcap.prompt import load_tokenizer
+
+    clip, gpt2 = tiny_smallcap_parts
+    out = tmp_path_factory.mktemp("tiny-smallcap") / "model"
+    torch.manual_seed(0)
+    SmallCap.from_encoder_decoder_pretrained(str(clip), str(gpt2)).save_pretrained(out)
+    load_tokenizer(str(GPT2_TOKENIZER_DIR)).save_pretrained(out)
+    CLIPImageProcessor.from_pretrained(clip).save_pretrained(out)
+    return out

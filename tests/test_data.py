@@ -196,4 +196,5 @@ def test_read_several_files_in_order(tmp_path):
     one, two = tmp_path / "one.txt", tmp_path / "two.txt"
     one.write_text("first\n")
     two.write_text("second\n")
-    assert [(r.caption, r.source) for r in read_caption_files([one, two])] == [("first", str(one)), ("second", str(two))]
+    records = read_caption_files([one, two])
+    assert [(r.caption, r.source) for r in records] == [("first", str(one)), ("second", str(two))]

@@ -23,7 +23,7 @@ from smallcap.retrieval.encoders import HFCLIPEncoder, load_encoder
 from smallcap.retrieval.index import build_index, choose_index, read_index
 
 COCO_TRAIN_MINI = COCO_MINI / "annotations" / "captions_train2017.json"
-# The machine is shared; torch's multi-threaded kernels spin and run ~10x slower under contention.
+# The machine is shared; torch's and faiss's OpenMP threads spin and run up to ~10x slower under contention.
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
@@ -35,10 +35,12 @@ def cli(*args, check=True):
 def single_thread():
     import torch
 
-    before = torch.get_num_threads()
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(before[0])
+    faiss.omp_set_num_threads(before[1])
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +256,9 @@ def test_approximate_indexes_memory_mapped(tmp_path, coco_store, encoder, kind):
     exact = (queries @ vectors.T).argsort(axis=1)[:, ::-1][:, :4]
     _, found = mapped.search(queries, 4)
     recall = np.mean([len(set(a) & set(b)) / 4 for a, b in zip(exact, found)])
-    # At the tiny encoder's 32 dims IVF-PQ keeps 4 bytes per vector, so its recall is low (still far from
-    # the ~0.0002 of a random ranking); at real widths it keeps 64-128 bytes (benchmarks/datastore.py).
-    assert recall >= {"ivf": 0.9, "hnsw": 0.9, "ivfpq": 0.15}[kind], recall
+    # At the tiny encoder's 32 dims IVF-PQ keeps 4-byte codes, so fewer true neighbours reach the exact
+    # re-ranking than at real widths (64-128 bytes; benchmarks/datastore.py); random ranking would give ~0.0003.
+    assert recall >= {"ivf": 0.9, "hnsw": 0.9, "ivfpq": 0.5}[kind], recall
 
 
 def test_forced_index_type_through_build(tmp_path, encoder, gpt2):
@@ -269,8 +271,9 @@ def test_forced_index_type_through_build(tmp_path, encoder, gpt2):
 
 def test_choose_index_policy():
     assert choose_index(565_497, 1024).type == "flat"  # the published COCO store: exact, as the reference
-    assert choose_index(3_000_000, 512, memory_budget=8 << 30).type == "ivf"
-    big = choose_index(3_000_000, 1024, memory_budget=4 << 30)
+    many = choose_index(3_000_000, 512, memory_budget=8 << 30)
+    assert many.type == "ivfpq" and many.params["nlist"] == 2048 and many.params["nprobe"] == 256
+    big = choose_index(800_000, 1024, memory_budget=2 << 30)
     assert big.type == "ivfpq" and big.params["m"] == 128 and "exceed" in big.reason
     assert choose_index(1000, 512, "hnsw").type == "hnsw"
     with pytest.raises(SmallCapError, match="unknown index type 'annoy'"):

@@ -196,7 +196,7 @@ LATIN1 = '[{"image_id": 397133, "caption": "A café"}]'.encode("latin-1")
      "2 of 3 predicted image ids are not in REFS (e.g. 1, 2)"),
     ([{"image_id": 397133, "caption": "a"}, {"image_id": 397133, "caption": "b"}],
      "1 duplicate image ids (e.g. 397133); give one caption per image"),
-    ({"397133": "a man"}, "PREDS: expected a JSON list of {\"image_id\": int, \"caption\": str}; got a JSON object"),
+    ({"397133": "a man"}, "PREDS: expected a JSON list of {\"image_id\": int or str, \"caption\": str}; got a JSON object"),
     ([{"image_id": 397133, "caption": "a"}, {"image_id": 37777, "text": "b"}],
      "PREDS: item 1 is {\"image_id\": 37777, \"text\": \"b\"}; expected a JSON list of"),
     (["a man in a kitchen"], "PREDS: item 0 is \"a man in a kitchen\"; expected a JSON list of"),
@@ -218,14 +218,16 @@ def test_bad_predictions_are_clear_errors(tmp_path, mini, predictions, message):
 @pytest.mark.parametrize("references, extra, message", [
     ([{"image_id": 397133, "caption": "a"}], (),
      "is not a references file: expected COCO caption annotations {\"images\": [{\"id\": ...}], \"annotations\": "
-     "[{\"image_id\": ..., \"caption\": \"...\"}]} or a Karpathy split file {\"images\": [{\"cocoid\" or \"imgid\": "
-     "..., \"split\": \"test\", \"sentences\": [{\"raw\": \"...\"}]}]}; got a JSON list (this looks like a "
+     "[{\"image_id\": ..., \"caption\": \"...\"}]}, a Karpathy split file {\"images\": [{\"cocoid\" or \"imgid\": "
+     "..., \"split\": \"test\", \"sentences\": [{\"raw\": \"...\"}]}]} or MSR-VTT annotations {\"videos\": "
+     "[{\"video_id\": ..., \"split\": \"test\"}], \"sentences\": [{\"video_id\": ..., \"caption\": \"...\"}]}; "
+     "got a JSON list (this looks like a "
      "predictions file; are --references and --predictions swapped?)"),
     ({"images": [{"id": 397133}], "annotations": [{"image_id": 397133, "bbox": [0, 0, 1, 1], "category_id": 1}]},
      (), "annotations[0] is not {\"image_id\", \"caption\": str} (object annotations, not captions?)"),
     ({"info": {}, "licenses": []}, (), "got a JSON object with keys 'info', 'licenses'"),
     ({"images": [{"id": 397133}], "annotations": [{"image_id": 397133, "caption": "a man"}]}, ("--split", "test"),
-     "--split applies to Karpathy split files; this is COCO-format annotations"),
+     "--split applies to Karpathy and MSR-VTT files; this is COCO-format annotations"),
     ({"images": [{"id": 397133}], "annotations": []}, (),
      "1 predicted images have no reference captions in REFS (e.g. 397133)"),
 ])

@@ -6,31 +6,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import CLIPImageProcessor, GPT2Config, GPT2LMHeadModel
+from transformers import CLIPImageProcessor
 
 from conftest import COCO_MINI, GPT2_TOKENIZER_DIR, run_cli
 from smallcap.captioner import Captioner
-from smallcap.modeling import SmallCap
-from smallcap.prompt import load_tokenizer
 from smallcap.retrieval.datastore import Datastore
 from smallcap.retrieval.encoders import HFCLIPEncoder
 
 IMAGES = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:3]
-
-
-@pytest.fixture(scope="module")
-def tiny_smallcap(tiny_clip_dir, tmp_path_factory):
-    """A tiny SmallCap whose encoder is the tiny CLIP's vision tower, saved with tokenizer and processor."""
-    root = tmp_path_factory.mktemp("tiny-smallcap")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4)).save_pretrained(root / "gpt2")
-    model = SmallCap.from_encoder_decoder_pretrained(str(tiny_clip_dir), str(root / "gpt2"))
-    model.save_pretrained(root / "model")
-    load_tokenizer(str(GPT2_TOKENIZER_DIR)).save_pretrained(root / "model")
-    CLIPImageProcessor.from_pretrained(tiny_clip_dir).save_pretrained(root / "model")
-    return root / "model"
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from smallcap.errors import SmallCapError
+from smallcap.hub import DEFAULT_MODEL
 from smallcap.generation import GenerationSettings, generate
 from smallcap.images import ImageInput, VideoOptions, describe, load_image
 from smallcap.modeling import SmallCap, load_smallcap
 from smallcap.prompt import clean_caption, load_tokenizer, prompt_ids
 
-DEFAULT_MODEL = "Yova/SmallCap7M"
 # Published SmallCap checkpoints ship neither tokenizer nor image processor: they come from the base models.
 DEFAULT_DECODER = "gpt2"
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"

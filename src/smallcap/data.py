@@ -2,16 +2,16 @@
 
 Formats (auto-detected from the extension, and for `.json` from the content; `format=` overrides):
 
-| format     | what it looks like                                                                     | image id        |
-|------------|----------------------------------------------------------------------------------------|-----------------|
-| `text`     | UTF-8 text, one caption per line (blank lines skipped)                                 | line number     |
-| `json`     | a JSON list of caption strings, or of objects with a caption field (`column`)          | list position   |
-| `coco`     | COCO caption annotations `{"images": [...], "annotations": [{"image_id", "caption"}]}`  | `image_id`      |
-| `karpathy` | Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`)                    | `cocoid`, else `imgid` |
-| `msrvtt`   | MSR-VTT `{"videos": [{"video_id", "split"}], "sentences": [{"video_id", "caption"}]}`  | `video_id`      |
-| `jsonl`    | one JSON object per line with a caption field (`column`)                               | `id_column`, else `image_id`, else line |
-| `csv`      | a header row, then one caption per row (`.tsv`: tab-separated)                         | as jsonl        |
-| `parquet`  | a table with a caption column (needs pyarrow: `pip install smallcap[parquet]`)         | as jsonl        |
+- `text`: UTF-8 text, one caption per line (blank lines skipped); image id = line number.
+- `json`: a JSON list of caption strings (id = position), or of objects with a caption field (`column`).
+- `coco`: COCO caption annotations `{"images": [...], "annotations": [{"image_id", "caption"}]}`.
+- `karpathy`: a Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`); id = `cocoid`, else
+  `imgid`; the split of each image is kept (datastores use train + restval).
+- `msrvtt`: MSR-VTT `{"videos": [{"video_id", "split"}], "sentences": [{"video_id", "caption"}]}`.
+- `jsonl`: one JSON object per line with a caption field (`column`); id = `id_column`, else an `image_id`
+  field, else the line number.
+- `csv`: a header row, then one caption per row (`.tsv`: tab-separated); ids as for jsonl.
+- `parquet`: a table with a caption column (needs pyarrow: `pip install smallcap[parquet]`); ids as jsonl.
 
 Table-like formats (json objects, jsonl, csv, parquet) also pick up an image file from the first of
 `IMAGE_COLUMNS` present (or `image_column`) and a split from a `split` column, so training code can read
@@ -219,6 +219,16 @@ def _read_json_file(path: Path, format: str | None, column: str, id_column: str 
         raise _error(path, fmt, f"not valid JSON ({error.msg}, column {error.colno})", error.lineno, column) from None
     except UnicodeDecodeError:
         raise _error(path, fmt, "not valid UTF-8", column=column) from None
+    return read_caption_data(data, path, format, column, id_column, image_column)
+
+
+def read_caption_data(data: Any, source: str | Path, format: str | None = None, column: str = "caption",
+                      id_column: str | None = None, image_column: str | None = None) -> Iterator[CaptionRecord]:
+    """The caption records of an already-loaded JSON document (`source` names it in records and errors).
+
+    `format`: json, coco, karpathy or msrvtt, or None to recognise it from the content.
+    """
+    path = Path(source)
     fmt = format or _json_kind(data)
     if fmt == "json":
         return _read_json_list(path, data, column, id_column, image_column)

@@ -1,10 +1,10 @@
-"""COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) computed with pycocoevalcap, offline.
+"""COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) computed with pycocoevalcap, offline,
+and on request CLIPScore / RefCLIPScore (`smallcap.clipscore`), which also look at the images.
 
 `evaluate(references, predictions)` gives the numbers pycocoevalcap's `COCOEvalCap` gives on the same
 inputs, x100, restricted to the predicted images; nocaps-style references (a `domain` on each image) are
-scored per domain as well. Every metric is one function in `SCORERS` taking a `Batch`; a metric that needs
-the images (CLIPScore) or a `predict` step that produces the predictions plug in there and in front of
-`evaluate`, which accepts predictions as a list as well as a file.
+scored per domain as well. References are COCO caption annotations, Karpathy split files or MSR-VTT
+annotations. Every metric is one function in `SCORERS` taking a `Batch`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from smallcap.errors import SmallCapError
 ImageId = int | str
 # Each metric and the scores it reports, in table order.
 METRIC_SCORES = {"BLEU": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"), "METEOR": ("METEOR",),
-                 "ROUGE-L": ("ROUGE-L",), "CIDEr": ("CIDEr",), "SPICE": ("SPICE",)}
-METRICS = tuple(METRIC_SCORES)
+                 "ROUGE-L": ("ROUGE-L",), "CIDEr": ("CIDEr",), "SPICE": ("SPICE",),
+                 "CLIPScore": ("CLIPScore", "RefCLIPScore")}
+METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr", "SPICE")  # the default; CLIPScore also needs images and a CLIP
+DEFAULT_CLIP_ENCODER = "openai/clip-vit-base-patch32"  # the CLIP of Hessel et al.'s CLIPScore
 SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 JAVA_HINT = "Java 8+ (e.g. `apt-get install default-jre-headless`)"
 # Characters that Java's PTBTokenizer (-preserveLines) reads as line ends. pycocoevalcap replaces only "\n",
@@ -36,7 +38,9 @@ COCO_FORM = ('COCO caption annotations {"images": [{"id": ...}], '
              '"annotations": [{"image_id": ..., "caption": "..."}]}')
 KARPATHY_FORM = ('a Karpathy split file {"images": [{"cocoid" or "imgid": ..., "split": "test", '
                  '"sentences": [{"raw": "..."}]}]}')
-PREDICTIONS_FORM = 'a JSON list of {"image_id": int, "caption": str}'
+MSRVTT_FORM = ('MSR-VTT annotations {"videos": [{"video_id": ..., "split": "test"}], '
+               '"sentences": [{"video_id": ..., "caption": "..."}]}')
+PREDICTIONS_FORM = 'a JSON list of {"image_id": int or str, "caption": str}'
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -44,11 +48,13 @@ PREDICTIONS_FORM = 'a JSON list of {"image_id": int, "caption": str}'
 
 @dataclass
 class References:
-    """Reference captions per image in file order, and each image's nocaps-style domain where given."""
+    """Reference captions per image in file order, and each image's nocaps-style domain and file name where
+    given (COCO `file_name`, Karpathy `filepath/filename`)."""
 
     captions: dict[ImageId, list[str]]
     domains: dict[ImageId, str] = field(default_factory=dict)
     source: str = "references"
+    files: dict[ImageId, str] = field(default_factory=dict)
 
 
 def _read_json(path: str | os.PathLike, what: str) -> Any:
@@ -88,29 +94,33 @@ def _describe(data: Any) -> str:
 
 
 def load_references(source: str | os.PathLike | dict | References, split: str | None = None) -> References:
-    """Read COCO-format caption annotations or a Karpathy split file (only images of `split`, if given)."""
+    """Read COCO-format caption annotations, a Karpathy split file or MSR-VTT annotations (only the images or
+    videos of `split`, if given)."""
     if isinstance(source, References):
         return source
     name = "references" if isinstance(source, dict) else str(source)
     data = source if isinstance(source, dict) else _read_json(source, "references")
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         if split is not None:
-            raise SmallCapError(f"{name}: --split applies to Karpathy split files; this is COCO-format "
+            raise SmallCapError(f"{name}: --split applies to Karpathy and MSR-VTT files; this is COCO-format "
                                 "annotations, whose images are all used")
         return _read_coco(data, name)
+    if isinstance(data, dict) and isinstance(data.get("videos"), list) and isinstance(data.get("sentences"), list):
+        return _read_msrvtt(data, split, name)
     images = data.get("images") if isinstance(data, dict) else None
     if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
         return _read_karpathy(images, split, name)
     hint = ""
     if isinstance(data, list) and data and isinstance(data[0], dict) and "image_id" in data[0]:
         hint = " (this looks like a predictions file; are --references and --predictions swapped?)"
-    raise SmallCapError(f"{name} is not a references file: expected {COCO_FORM} or {KARPATHY_FORM}; "
+    raise SmallCapError(f"{name} is not a references file: expected {COCO_FORM}, {KARPATHY_FORM} or {MSRVTT_FORM}; "
                         f"got {_describe(data)}{hint}")
 
 
 def _read_coco(data: dict, name: str) -> References:
     captions: dict[ImageId, list[str]] = {}
     domains: dict[ImageId, str] = {}
+    files: dict[ImageId, str] = {}
     for index, image in enumerate(data.get("images") or []):
         if not isinstance(image, dict) or "id" not in image:
             raise SmallCapError(f"{name}: images[{index}] has no \"id\"; expected {COCO_FORM}")
@@ -118,17 +128,20 @@ def _read_coco(data: dict, name: str) -> References:
         captions[image_id] = []
         if image.get("domain"):
             domains[image_id] = str(image["domain"])
+        if isinstance(image.get("file_name"), str):
+            files[image_id] = image["file_name"]
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
             kind = " (object annotations, not captions?)" if isinstance(ann, dict) and "bbox" in ann else ""
             raise SmallCapError(f"{name}: annotations[{index}] is not {{\"image_id\", \"caption\": str}}{kind}; "
                                 f"expected {COCO_FORM}")
         captions.setdefault(_image_id(ann["image_id"], f"{name}: annotations[{index}]"), []).append(ann["caption"])
-    return References(captions, domains, name)
+    return References(captions, domains, name, files)
 
 
 def _read_karpathy(images: list, split: str | None, name: str) -> References:
     captions: dict[ImageId, list[str]] = {}
+    files: dict[ImageId, str] = {}
     for index, image in enumerate(images):
         raw_id = image.get("cocoid", image.get("imgid")) if isinstance(image, dict) else None
         if raw_id is None or not isinstance(image.get("sentences"), list):
@@ -138,11 +151,34 @@ def _read_karpathy(images: list, split: str | None, name: str) -> References:
             continue
         sentences = [s.get("raw") if isinstance(s.get("raw"), str) else " ".join(s.get("tokens", []))
                      for s in image["sentences"] if isinstance(s, dict)]
-        captions[_image_id(raw_id, f"{name}: images[{index}]")] = sentences
+        image_id = _image_id(raw_id, f"{name}: images[{index}]")
+        captions[image_id] = sentences
+        if isinstance(image.get("filename"), str):
+            files[image_id] = str(Path(image.get("filepath") or "") / image["filename"])
     if not captions:
         splits = sorted({str(image.get("split")) for image in images})
         raise SmallCapError(f"{name}: no image has split {split!r}; splits in the file: {', '.join(splits)}")
-    return References(captions, {}, name)
+    return References(captions, {}, name, files)
+
+
+def _read_msrvtt(data: dict, split: str | None, name: str) -> References:
+    """MSR-VTT annotations: videos (with their split) in file order, their sentences as references."""
+    from smallcap.data import read_caption_data
+
+    wanted: dict[ImageId, list[str]] = {}
+    for index, video in enumerate(data["videos"]):
+        if not isinstance(video, dict) or "video_id" not in video:
+            raise SmallCapError(f"{name}: videos[{index}] has no \"video_id\"; expected {MSRVTT_FORM}")
+        if split is None or video.get("split") == split:
+            wanted[_image_id(video["video_id"], f"{name}: videos[{index}]")] = []
+    if not wanted:
+        splits = sorted({str(video.get("split")) for video in data["videos"]})
+        raise SmallCapError(f"{name}: no video has split {split!r}; splits in the file: {', '.join(splits)}")
+    for record in read_caption_data(data, name, format="msrvtt"):
+        video_id = _image_id(record.image_id, name)
+        if video_id in wanted:
+            wanted[video_id].append(record.caption)
+    return References(wanted, {}, name)
 
 
 def load_predictions(source: str | os.PathLike | Sequence[dict]) -> dict[ImageId, str]:
@@ -178,17 +214,21 @@ def _some(ids: Iterable, n: int = 5) -> str:
 
 @dataclass
 class Batch:
-    """What a metric sees: image ids in order, PTB-tokenised references and predictions, raw predictions."""
+    """What a metric sees: image ids in order, PTB-tokenised references and predictions (only cleaned when no
+    metric reads them), raw predictions and references, and for CLIPScore a scorer that knows the images
+    (`smallcap.clipscore.CLIPScorer`)."""
 
     ids: list[ImageId]
     refs: dict[ImageId, list[str]]
     preds: dict[ImageId, list[str]]
     raw_preds: dict[ImageId, str]
+    raw_refs: dict[ImageId, list[str]] = field(default_factory=dict)
+    clip_scorer: Callable | None = None
 
     def subset(self, ids: list[ImageId]) -> "Batch":
         """The same batch restricted to `ids` (a nocaps domain)."""
         return Batch(ids, {i: self.refs[i] for i in ids}, {i: self.preds[i] for i in ids},
-                     {i: self.raw_preds[i] for i in ids})
+                     {i: self.raw_preds[i] for i in ids}, {i: self.raw_refs[i] for i in ids}, self.clip_scorer)
 
 
 class MetricUnavailable(Exception):
@@ -270,14 +310,22 @@ def _spice(batch: Batch) -> Scores:
     return {"SPICE": corpus}, {"SPICE": [by_id[i]["All"]["f"] for i in batch.ids]}
 
 
+def _clipscore(batch: Batch) -> Scores:
+    if batch.clip_scorer is None:
+        raise MetricUnavailable("CLIPScore needs the images and a CLIP model: pass --clipscore --images-dir DIR "
+                                "(evaluate(..., images_dir=DIR))")
+    return batch.clip_scorer(batch.ids, batch.raw_preds, batch.raw_refs)
+
+
 SCORERS: dict[str, Callable[[Batch], Scores]] = {
-    "BLEU": _bleu, "METEOR": _meteor, "ROUGE-L": _rouge, "CIDEr": _cider, "SPICE": _spice,
+    "BLEU": _bleu, "METEOR": _meteor, "ROUGE-L": _rouge, "CIDEr": _cider, "SPICE": _spice, "CLIPScore": _clipscore,
 }
+PTB_METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr", "SPICE")  # those that read the PTB-tokenised captions
 
 
 def _resolve_metrics(metrics: Iterable[str]) -> list[str]:
     canonical = {name.lower().replace("_", "-"): name for name in SCORERS}
-    canonical.update({"rouge": "ROUGE-L", "cider-d": "CIDEr"})
+    canonical.update({"rouge": "ROUGE-L", "cider-d": "CIDEr", "refclipscore": "CLIPScore", "clip-s": "CLIPScore"})
     resolved = []
     for name in metrics:
         key = name.strip().lower().replace("_", "-")
@@ -352,13 +400,17 @@ def _x100(value: float) -> float | None:
 
 
 def evaluate(references: str | os.PathLike | dict | References, predictions: str | os.PathLike | Sequence[dict],
-             per_image: bool = False, metrics: Iterable[str] = METRICS, split: str | None = None) -> dict:
+             per_image: bool = False, metrics: Iterable[str] = METRICS, split: str | None = None,
+             images_dir: str | os.PathLike | None = None, clip_encoder: Any = DEFAULT_CLIP_ENCODER,
+             device: str = "auto") -> dict:
     """Score `predictions` against `references` with pycocoevalcap; every score x100.
 
-    Only the predicted images are scored. Returns {"num_images", "scores": {name: value or None},
-    "unavailable": {metric: reason}, "warnings": [...]}, plus "domains": {domain: {"num_images", "scores"}}
-    when the references give images a nocaps-style `domain`, and "per_image": [{"image_id", "caption",
-    name: value, ...}] when `per_image` is set.
+    Only the predicted images are scored. "CLIPScore" in `metrics` adds CLIPScore and RefCLIPScore
+    (`smallcap.clipscore`), computed with `clip_encoder` (a retrieval encoder name, path or object) on the
+    images in `images_dir`, on `device` ("auto": cuda if available).
+    Returns {"num_images", "scores": {name: value or None}, "unavailable": {metric: reason}, "warnings": [...]},
+    plus "domains": {domain: {"num_images", "scores"}} when the references give images a nocaps-style
+    `domain`, and "per_image": [{"image_id", "caption", name: value, ...}] when `per_image` is set.
     """
     metrics = _resolve_metrics(metrics)
     refs = load_references(references, split)
@@ -378,11 +430,14 @@ def evaluate(references: str | os.PathLike | dict | References, predictions: str
     if empty:
         warnings.append(f"{len(empty)} predictions have an empty caption (image ids {_some(empty)}); "
                         "scored as empty")
-    _require_java()
+    clip_scorer = _clip_scorer(refs, ids, images_dir, clip_encoder, device) if "CLIPScore" in metrics else None
     ref_texts = _clean({i: refs.captions[i] for i in ids}, "reference captions", warnings)
     pred_texts = _clean({i: [preds[i]] for i in ids}, "predicted captions", warnings)
-    ref_tokens, pred_tokens = _tokenize(ref_texts, pred_texts)
-    batch = Batch(ids, ref_tokens, pred_tokens, {i: preds[i] for i in ids})
+    if any(name in PTB_METRICS for name in metrics):
+        _require_java()
+        ref_texts, pred_texts = _tokenize(ref_texts, pred_texts)
+    batch = Batch(ids, ref_texts, pred_texts, {i: preds[i] for i in ids}, {i: refs.captions[i] for i in ids},
+                  clip_scorer)
 
     unavailable: dict[str, str] = {}
     scores, image_scores = _run_metrics(batch, metrics, unavailable)
@@ -404,15 +459,32 @@ def evaluate(references: str | os.PathLike | dict | References, predictions: str
     return result
 
 
+def _clip_scorer(refs: References, ids: list[ImageId], images_dir: str | os.PathLike | None, encoder: Any,
+                 device: str) -> Callable:
+    from smallcap.clipscore import CLIPScorer, find_images
+    from smallcap.retrieval.encoders import load_encoder
+
+    if images_dir is None:
+        raise SmallCapError("CLIPScore needs the images: pass --images-dir DIR (evaluate(..., images_dir=DIR))")
+    images = find_images(ids, refs.files, images_dir, refs.source)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    named = isinstance(encoder, (str, os.PathLike))
+    return CLIPScorer(load_encoder(str(encoder), device=device) if named else encoder, images)
+
+
 def format_table(result: dict) -> str:
     """The scores of `evaluate` as a fixed-width table: one row overall, one per domain."""
     names = list(result["scores"])
     rows = [("all", result["num_images"], result["scores"])]
     rows += [(domain, d["num_images"], d["scores"]) for domain, d in result.get("domains", {}).items()]
     width = max(len(row[0]) for row in rows) + 2
-    lines = [f"{'':<{width}}{'images':>7}" + "".join(f"{name:>9}" for name in names)]
+    cell = {name: max(9, len(name) + 2) for name in names}
+    lines = [f"{'':<{width}}{'images':>7}" + "".join(f"{name:>{cell[name]}}" for name in names)]
     for label, count, scores in rows:
-        cells = "".join(f"{'n/a' if scores.get(n) is None else format(scores[n], '.2f'):>9}" for n in names)
+        cells = "".join(f"{'n/a' if scores.get(n) is None else format(scores[n], '.2f'):>{cell[n]}}" for n in names)
         lines.append(f"{label:<{width}}{count:>7}{cells}")
     lines += [f"{name} unavailable: {reason}" for name, reason in result.get("unavailable", {}).items()]
     return "\n".join(lines)

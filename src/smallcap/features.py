@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from smallcap.errors import SmallCapError
-from smallcap.io import atomic_write_json
+from smallcap.io import atomic_open, atomic_write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -262,17 +261,8 @@ def _write_shard(out_dir: Path, number: int, ids: list[str], arrays: list[np.nda
     """Write one shard atomically, then commit it (and the skipped images) to the index."""
     if ids:
         path = out_dir / _shard_name(number)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, np.concatenate(arrays))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_open(path) as handle:
+            np.save(handle, np.concatenate(arrays))
         rows.update({image_id: (number, row) for row, image_id in enumerate(ids)})
     num_shards = number + 1 if ids else number
     atomic_write_json(out_dir / INDEX, {"num_shards": num_shards, "rows": rows, "skipped": skipped}, indent=None)

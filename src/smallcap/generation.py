@@ -65,24 +65,33 @@ def generate(model: SmallCap, prompts: Sequence[Sequence[int]], *, pixel_values:
     """Continue each prompt conditioned on its image; returns the new token ids per image (end token kept).
 
     Give either `pixel_values` (n, 3, H, W) or precomputed `encoder_hidden_states` (n, tokens, width).
+    The prompt is run through the decoder once per image and its cache copied to every beam (plain beam
+    search would run it once per beam); only the last position's logits are computed. Both are exact.
     """
     if (pixel_values is None) == (encoder_hidden_states is None):
         raise ValueError("pass exactly one of pixel_values and encoder_hidden_states")
     settings = settings or GenerationSettings()
     device = model.device
-    input_ids, attention_mask, position_ids = left_pad(prompts, model.config.pad_token_id)
-    inputs = {}
-    if pixel_values is not None:
-        inputs["pixel_values"] = pixel_values.to(device, model.dtype)
-    else:
-        inputs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden_states.to(device, model.dtype))
+    if encoder_hidden_states is None:
+        encoder_hidden_states = model.encoder(pixel_values=pixel_values.to(device, model.dtype)).last_hidden_state
+    encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden_states.to(device, model.dtype))
+    input_ids, attention_mask, position_ids = (t.to(device) for t in left_pad(prompts, model.config.pad_token_id))
+    prompt_cache = {}
+    if input_ids.shape[1] > 1:
+        prefix = model(encoder_outputs=encoder_outputs, decoder_input_ids=input_ids[:, :-1],
+                       decoder_attention_mask=attention_mask[:, :-1], decoder_position_ids=position_ids[:, :-1],
+                       decoder_logits_to_keep=1, use_cache=True)
+        prefix.cache.batch_repeat_interleave(settings.num_beams)
+        prompt_cache["cache"] = prefix.cache
     output = model.generate(
-        **inputs,
-        decoder_input_ids=input_ids.to(device),
-        decoder_attention_mask=attention_mask.to(device),
-        decoder_position_ids=position_ids.to(device),
+        encoder_outputs=encoder_outputs,
+        decoder_input_ids=input_ids,
+        decoder_attention_mask=attention_mask,
+        decoder_position_ids=position_ids,
+        decoder_logits_to_keep=1,
         pad_token_id=model.config.pad_token_id,
         eos_token_id=model.config.eos_token_id,
+        **prompt_cache,
         **settings.generate_kwargs(),
     )
     return new_tokens(output.cpu(), input_ids.shape[1], model.config.eos_token_id)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from smallcap.errors import SmallCapError
 
+DEFAULT_MODEL = "Yova/SmallCap7M"  # the published SmallCap (r=4, GPT-2 small); needs the Hub once
+
 
 def is_offline() -> bool:
     """True when the user asked for no network (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""

@@ -41,6 +41,15 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return expanded
 
 
+def find_media(directory: str | os.PathLike, image_id: int | str) -> Path | None:
+    """The image or video file named `<image_id>.<ext>` in `directory` (any known extension), or None."""
+    for extension in sorted(IMAGE_EXTENSIONS.union(video.VIDEO_EXTENSIONS)):
+        candidate = Path(directory) / f"{image_id}{extension}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def describe(source: ImageInput, index: int) -> str:
     """A short name for an input, used in results and error messages."""
     if isinstance(source, (str, os.PathLike)):

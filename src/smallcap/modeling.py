@@ -17,7 +17,6 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     CLIPConfig,
-    CLIPVisionConfig,
     CLIPVisionModel,
     GPT2Config,
     GPT2LMHeadModel,

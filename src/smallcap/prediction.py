@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 from smallcap.captioner import Captioner
 from smallcap.data import read_captions
 from smallcap.errors import SmallCapError
-from smallcap.images import IMAGE_EXTENSIONS, expand_inputs
+from smallcap.images import expand_inputs, find_media
 from smallcap.io import atomic_write_json
-from smallcap.video import VIDEO_EXTENSIONS
 
 ImageId = int | str
 
@@ -38,14 +37,6 @@ def _as_id(value: str) -> ImageId:
     return int(value) if value.isdigit() else value
 
 
-def _find_media(directory: Path, image_id: ImageId) -> Path | None:
-    for extension in sorted(IMAGE_EXTENSIONS.union(VIDEO_EXTENSIONS)):
-        candidate = directory / f"{image_id}{extension}"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir: str | os.PathLike | None = None,
                    format: str | None = None) -> list[tuple[ImageId, Path]]:
     """The (image id, file) pairs to caption: a folder of images/videos (id = file stem, as an int when it is
@@ -61,7 +52,7 @@ def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir
     for record in read_captions(data, format=format, splits=None if split is None else [split]):
         if record.image_id in pairs or (split is not None and record.split not in (None, split)):
             continue
-        path = root / record.image_file if record.image_file else _find_media(root, record.image_id)
+        path = root / record.image_file if record.image_file else find_media(root, record.image_id)
         if path is None:
             raise SmallCapError(f"{data}: no file for image {record.image_id!r} in {root} (tried "
                                 f"{record.image_id}.jpg, .png, .mp4, ...); pass --images-dir")

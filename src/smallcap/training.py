@@ -23,8 +23,9 @@ from smallcap.errors import SmallCapError
 from smallcap.features import EncoderInfo, FeatureCache, extract_features
 from smallcap.io import atomic_directory, atomic_write_json, atomic_write_text
 from smallcap.modeling import REDUCE_FACTORS
+from smallcap.retrieval.datastore import load_retrieved
 from smallcap.training_data import (CaptionDataset, TrainingSample, check_retrieved, collate_batch,
-                                    load_retrieved, read_training_samples)
+                                    read_training_samples)
 
 LOG_FILE = "train_log.jsonl"
 STATE_DIR = "training_state"

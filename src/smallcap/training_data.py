@@ -154,14 +154,6 @@ def _read_table(path: Path, root: Path) -> list[TrainingSample]:
     return samples
 
 
-def load_retrieved(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Read the reference's retrieved-captions file: `{"<image_id>": [caption, ...]}`, most similar first."""
-    content = _load_json(Path(path))
-    if not isinstance(content, dict) or not all(isinstance(v, list) for v in content.values()):
-        raise SmallCapError(f"{path}: expected a JSON object {{image_id: [captions]}}")
-    return {str(k): [str(c) for c in v] for k, v in content.items()}
-
-
 def check_retrieved(retrieved: Mapping[str, Sequence[str]], samples: Sequence[TrainingSample], k: int,
                     source: str = "the retrieved captions") -> None:
     """Every training image needs at least `k` retrieved captions; fail up front, naming a few that lack them."""

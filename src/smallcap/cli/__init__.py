@@ -23,18 +23,31 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with every registered subcommand."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser: with `command`, only that subcommand's module is imported (fast start-up);
+    otherwise every registered subcommand (for the overview help)."""
     parser = argparse.ArgumentParser(prog="smallcap", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    names = [n for n in COMMANDS if n.rsplit(".", 1)[-1] == command] or COMMANDS
+    for name in names:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def _quiet_library_output() -> None:
+    # transformers' own weight-loading bars and backend notices are noise on a user's terminal; our commands
+    # show their own progress and report problems themselves.
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    _quiet_library_output()
     try:
         return int(args.func(args) or 0)
     except SmallCapError as error:

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 def add_captioner_arguments(parser) -> None:
     """Model, retrieval, decoding and video options shared by `caption` and `predict`."""
-    from smallcap.captioner import DEFAULT_MODEL
+    from smallcap.hub import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or checkpoint directory (default {DEFAULT_MODEL})")
     source = parser.add_mutually_exclusive_group()
@@ -35,8 +35,10 @@ def add_captioner_arguments(parser) -> None:
     parser.add_argument("--k", type=int, default=None, help="retrieved captions in the prompt (default: the model's, 4)")
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16, help="images decoded together (default 16)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="model weights' precision (reduced precision may change some captions)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's")
     parser.add_argument("--image-processor", default=None, help="image processor to use instead of the model's")
     parser.add_argument("--frames", type=int, default=4, help="video: frames sampled evenly over each clip")
@@ -51,26 +53,15 @@ def build_captioner(args):
     from smallcap.generation import GenerationSettings
     from smallcap.images import VideoOptions
 
+    import torch
+
     return Captioner.from_pretrained(
         args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
+        dtype=None if args.dtype == "float32" else getattr(torch, args.dtype),
         k=args.k, use_retrieval=False if args.no_retrieval else None,
         datastores=args.datastore, retrieval_encoder=args.retrieval_encoder,
         settings=GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens),
         video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles))
-
-
-def load_retrieved(path: Path) -> dict[str, list[str]]:
-    """Read the reference's `{image_id: [captions]}` file, with a clear error for any other form."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SmallCapError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SmallCapError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict) or not all(
-            isinstance(v, list) and all(isinstance(c, str) for c in v) for v in data.values()):
-        raise SmallCapError(f"{path}: expected a JSON object {{image_id: [caption, ...]}}")
-    return data
 
 
 def retrieved_for(path: Path, table: dict[str, list[str]]) -> list[str]:
@@ -104,6 +95,8 @@ def run(args) -> int:
         raise SmallCapError("no image files found in " + ", ".join(args.inputs))
     retrieved = None
     if args.retrieved:
+        from smallcap.retrieval.datastore import load_retrieved
+
         table = load_retrieved(args.retrieved)
         retrieved = [retrieved_for(path, table) for path in paths]
     captioner = build_captioner(args)

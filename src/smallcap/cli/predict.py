@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from smallcap.cli.caption import add_captioner_arguments, build_captioner, load_retrieved
+from smallcap.cli.caption import add_captioner_arguments, build_captioner
 
 
 def register(subparsers) -> None:
@@ -36,7 +36,12 @@ def run(args) -> int:
 
         features = FeatureCache(args.features)
         features.check_encoder(EncoderInfo.of(captioner.model.encoder))
-    retrieved = load_retrieved(args.retrieved) if args.retrieved else None
+    if args.retrieved:
+        from smallcap.retrieval.datastore import load_retrieved
+
+        retrieved = load_retrieved(args.retrieved)
+    else:
+        retrieved = None
     report = predict(captioner, images, args.out, retrieved=retrieved, features=features, batch_size=args.batch_size)
     print(f"smallcap predict: {report.captioned} captioned, {report.resumed} already done, "
           f"{len(report.failed)} failed -> {report.output}", file=sys.stderr)

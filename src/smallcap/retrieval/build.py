@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -28,8 +28,16 @@ from smallcap.errors import SmallCapError
 from smallcap.io import atomic_directory, atomic_write_json
 from smallcap.retrieval.datastore import FORMAT, FORMAT_VERSION, INDEX_FILE, Datastore, StringColumn
 from smallcap.retrieval.encoders import RetrievalEncoder, canonical_encoder_name, load_encoder
-from smallcap.retrieval.index import (DEFAULT_MEMORY_BUDGET, IndexSpec, build_index, choose_index, describe,
-                                      read_index, spec_of_index, train_sample_size)
+from smallcap.retrieval.index import (
+    DEFAULT_MEMORY_BUDGET,
+    IndexSpec,
+    build_index,
+    choose_index,
+    describe,
+    read_index,
+    spec_of_index,
+    train_sample_size,
+)
 
 DEFAULT_SHARD_SIZE = 16384
 DEFAULT_LENGTH_TOKENIZER = "gpt2"
@@ -80,10 +88,11 @@ def select_captions(records: Sequence[CaptionRecord], tokenizer=None, max_tokens
         counts["too_long"] = int((lengths > max_tokens).sum())
         kept = [record for record, length in zip(kept, lengths) if length <= max_tokens]
     if dedupe:
-        seen: set[str] = set()
-        unique = [record for record in kept if not (record.caption in seen or seen.add(record.caption))]
-        counts["duplicate"] = len(kept) - len(unique)
-        kept = unique
+        first = {}
+        for record in kept:
+            first.setdefault(record.caption, record)
+        counts["duplicate"] = len(kept) - len(first)
+        kept = list(first.values())  # dicts keep insertion order: first copies, in input order
     counts["kept"] = len(kept)
     return Selection(kept, counts)
 
@@ -128,7 +137,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
         raise SmallCapError("no input caption files given")
     records: list[CaptionRecord] = []
     input_info = []
-    for position, path in enumerate(inputs):
+    for path in inputs:
         before = len(records)
         records.extend(read_captions(path, format=format, column=column, id_column=id_column, splits=splits))
         input_info.append({"path": str(path), "sha256": sha256_file(path), "records": len(records) - before})
@@ -137,7 +146,8 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
         tokenizer = load_length_tokenizer(tokenizer)
     selection = select_captions(records, tokenizer, max_tokens, dedupe)
     if not selection.records:
-        raise SmallCapError(f"no captions to index in {', '.join(map(str, inputs))}: {_describe_counts(selection.counts)}")
+        raise SmallCapError(f"no captions to index in {', '.join(map(str, inputs))}: "
+                            f"{_describe_counts(selection.counts)}")
     _log(f"captions: {_describe_counts(selection.counts)}")
     if isinstance(encoder, str):
         encoder = load_encoder(encoder, device=device)
@@ -173,9 +183,8 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
         "max_captions_per_source": max(per_source.values()),
     }
     sources = np.asarray([source_of[record.source] for record in kept], dtype=np.int32)
-    _write_datastore(out_dir, overwrite, manifest, lambda path: faiss.write_index(faiss_index, str(path)),
-                     (r.caption for r in kept),
-                     (str(r.image_id) for r in kept), sources)
+    write_datastore(out_dir, overwrite, manifest, lambda path: faiss.write_index(faiss_index, str(path)),
+                    (r.caption for r in kept), (str(r.image_id) for r in kept), sources)
     shutil.rmtree(work, ignore_errors=True)
     _log(f"wrote {out_dir}: {len(kept)} captions")
     return Datastore.load(out_dir)
@@ -251,9 +260,12 @@ def _train_sample(paths: Sequence[Path], spec: IndexSpec, count: int) -> np.ndar
     return np.concatenate(sample)
 
 
-def _write_datastore(out_dir: Path, overwrite: bool, manifest: dict, write_index, captions, source_ids,
-                     source_files: np.ndarray) -> None:
-    """Write every datastore file into a temporary directory that becomes `out_dir` only when complete."""
+def write_datastore(out_dir: Path, overwrite: bool, manifest: dict, write_index: Callable[[Path], Any],
+                    captions: Iterable[str], source_ids: Iterable[str], source_files: np.ndarray) -> None:
+    """Write every datastore file into a temporary directory that becomes `out_dir` only when complete.
+
+    `write_index(path)` writes the faiss index file; the other arguments are aligned with the index rows.
+    """
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             write_index(tmp / INDEX_FILE)
@@ -327,7 +339,6 @@ def import_datastore(index_path: str | Path, captions_path: str | Path, encoder:
         "imported": True,
     }
     del index  # the file is copied byte for byte, not re-serialised
-    _write_datastore(out_dir, overwrite, manifest, lambda path: shutil.copyfile(index_path, path), captions,
-                     map(str, range(len(captions))),
-                     np.ones(len(captions), dtype=np.int32))
+    write_datastore(out_dir, overwrite, manifest, lambda path: shutil.copyfile(index_path, path), captions,
+                    map(str, range(len(captions))), np.ones(len(captions), dtype=np.int32))
     return Datastore.load(out_dir)

@@ -56,7 +56,8 @@ class StringColumn:
                 else:
                     self.data = handle.read()
         except (OSError, ValueError) as error:
-            raise SmallCapError(f"datastore file {path} (or its .offsets.npy) is missing or unreadable: {error}") from None
+            raise SmallCapError(f"datastore file {path} (or its .offsets.npy) is missing or unreadable: "
+                                f"{error}") from None
         if self.offsets.ndim != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.data):
             raise SmallCapError(f"datastore file {path} does not match its offsets (truncated or corrupt)")
 
@@ -145,10 +146,12 @@ class Datastore:
         return int(self.manifest["count"])
 
     def __repr__(self) -> str:
-        return f"Datastore({str(self.directory)!r}, {len(self)} captions, {self.encoder_name}, {self.manifest['index']['type']})"
+        return (f"Datastore({str(self.directory)!r}, {len(self)} captions, {self.encoder_name}, "
+                f"{self.manifest['index']['type']})")
 
     @classmethod
-    def build(cls, inputs: Sequence[str | Path], out_dir: str | Path, encoder: RetrievalEncoder | str, **options) -> "Datastore":
+    def build(cls, inputs: Sequence[str | Path], out_dir: str | Path, encoder: RetrievalEncoder | str,
+              **options) -> "Datastore":
         """Embed the captions of `inputs` and write a datastore to `out_dir`; see `smallcap.retrieval.build`."""
         from smallcap.retrieval.build import build_datastore
 
@@ -183,7 +186,8 @@ class Datastore:
         try:
             source_files = np.load(directory / "source_files.npy", mmap_mode="r" if mmap else None)
         except (OSError, ValueError) as error:
-            raise SmallCapError(f"datastore file {directory / 'source_files.npy'} is missing or unreadable: {error}") from None
+            raise SmallCapError(f"datastore file {directory / 'source_files.npy'} is missing or unreadable: "
+                                f"{error}") from None
         count, dim = int(manifest["count"]), int(manifest["encoder"]["dim"])
         sizes = {"index rows": index.ntotal, "captions": len(captions), "source ids": len(source_ids),
                  "source files": len(source_files)}
@@ -210,7 +214,8 @@ class Datastore:
         """Input file one row came from."""
         return self.manifest["inputs"][int(self.source_files[row])]["path"]
 
-    def search(self, query_embeddings: np.ndarray, k: int = 4, exclude_source_ids: Sequence | None = None) -> SearchResults:
+    def search(self, query_embeddings: np.ndarray, k: int = 4,
+               exclude_source_ids: Sequence | None = None) -> SearchResults:
         """The k captions most similar to each query embedding (most similar first).
 
         `exclude_source_ids`, one per query (None for no exclusion), drops captions of that query's own
@@ -286,7 +291,8 @@ class MultiDatastore:
         """Raise SmallCapError unless `encoder` is the stores' encoder."""
         self.stores[0].check_encoder(encoder, strict_name)
 
-    def search(self, query_embeddings: np.ndarray, k: int = 4, exclude_source_ids: Sequence | None = None) -> SearchResults:
+    def search(self, query_embeddings: np.ndarray, k: int = 4,
+               exclude_source_ids: Sequence | None = None) -> SearchResults:
         """The union's k best captions per query, most similar first (ties keep the stores' order)."""
         parts = [store.search(query_embeddings, k, exclude_source_ids) for store in self.stores]
         merged = SearchResults([], [], [])
@@ -329,3 +335,19 @@ def retrieve_for_training(store: Datastore | MultiDatastore, image_embeddings: n
     if out_path is not None:
         atomic_write_json(out_path, retrieved)
     return retrieved
+
+
+def load_retrieved(path: str | Path) -> dict[str, list[str]]:
+    """Read the reference's retrieved-captions file `{"<image_id>": [caption, ...]}` (most similar first), as
+    `retrieve_for_training` writes it; any other form is a clear error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SmallCapError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SmallCapError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(v, list) and all(isinstance(c, str) for c in v) for v in data.values()):
+        raise SmallCapError(f"{path}: expected a JSON object {{image_id: [caption, ...]}}")
+    return {str(key): value for key, value in data.items()}

@@ -30,24 +30,30 @@ class IndexSpec:
     reason: str = ""
 
 
-def choose_index(count: int, dim: int, requested: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> IndexSpec:
-    """Pick the index for `count` vectors of width `dim`.
+def choose_index(count: int, dim: int, requested: str = "auto",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> IndexSpec:
+    """Pick the index for `count` vectors of width `dim`: exact while affordable, then IVF-PQ with re-ranking.
 
-    - flat (`IndexFlatIP`): exact search, what the reference uses. Memory is count*dim*4 bytes and a query
-      costs count*dim multiply-adds; up to FLAT_MAX_COUNT captions (the published COCO store has 565k) that
-      is tens of milliseconds per query on one CPU core and a few ms per query in batches, small next to
-      caption generation, so exactness is free. Chosen whenever the vectors fit the memory budget and the
-      count is at most FLAT_MAX_COUNT.
-    - ivf (`IndexIVFFlat`): for larger stores whose vectors still fit the budget. k-means (trained on a
-      sample) splits the vectors into ~sqrt(count) lists; a query scans `nprobe` of them, so search cost
-      drops by nlist/nprobe while the full vectors keep the ranking within those lists exact. Its
-      inverted lists memory-map from disk.
-    - ivfpq (`IndexIVFPQ`): when even the raw vectors exceed the budget. Product quantisation stores
-      dim/8 bytes per vector (32x smaller than float32), at a loss of recall. Memory-mapped like ivf.
-    - hnsw (`IndexHNSWFlat`): only on request. The fastest single queries at high recall, but its graph
-      (~M*8 bytes per vector) is always read into RAM and it builds an order of magnitude slower than IVF;
-      worth it for latency-bound serving of a large store that is queried one image at a time.
-    `requested` other than "auto" forces a type (parameters still follow the count).
+    Measured on one CPU core with clustered 512-d caption embeddings (benchmarks/results/datastore.md):
+
+    - flat (`IndexFlatIP`, the reference's choice): exact. Memory count*dim*4 bytes; at 1M captions a single
+      query takes ~150 ms and batched queries ~45 ms each, small next to beam-search generation, so we stay
+      exact up to FLAT_MAX_COUNT captions whenever the vectors fit the memory budget. (The published COCO
+      store, 565k x 1024 = 2.2 GiB, stays exact as in the reference.)
+    - ivfpq (`IndexIVFPQ` inside `IndexRefineFlat`): everything larger, or whose vectors exceed the budget.
+      ~sqrt(count) k-means lists (trained on a sample), nlist/8 probed; dim/8-byte PQ codes pick 10*k
+      candidates that are re-ranked exactly against the full vectors, memory-mapped from the index file, so
+      RAM holds the codes (32x smaller than float32) and the candidates' pages. At 1M: ~6 ms per query
+      (8x faster than flat batched), recall@4 0.92, and the captions it returns are within 0.12% of the
+      exact ones' similarity: its misses are near-ties among near-duplicate captions. Without re-ranking
+      recall@4 was ~0.5.
+    - ivf (`IndexIVFFlat`), on request: full vectors in memory-mapped lists, recall@4 0.97 at 1M, but it
+      reads nlist/8 of all vectors per query, so batched queries were slower than flat's BLAS scan (single
+      queries 1.8x faster). For single-query use with exact vectors.
+    - hnsw (`IndexHNSWFlat`), on request: the fastest queries (1.5 ms at 1M, recall@4 0.94 with these
+      parameters; raise ef_search for more), vectors memory-mapped but the graph (~M*8 bytes per vector) in
+      RAM, and a slow build (~9 min per 1M captions on one core, 3.5x IVF-PQ's).
+    `requested` other than "auto" forces a type (its parameters still follow the count).
     """
     if requested not in ("auto", *INDEX_TYPES):
         raise SmallCapError(f"unknown index type {requested!r}; expected auto or one of {', '.join(INDEX_TYPES)}")
@@ -57,16 +63,17 @@ def choose_index(count: int, dim: int, requested: str = "auto", memory_budget: i
     elif count <= FLAT_MAX_COUNT and raw <= memory_budget:
         kind, reason = "flat", f"{count} vectors ({raw / 2**20:.0f} MiB) fit the budget: exact search"
     elif raw <= memory_budget:
-        kind, reason = "ivf", f"{count} vectors > {FLAT_MAX_COUNT}: inverted lists, full vectors"
+        kind, reason = "ivfpq", f"{count} vectors > {FLAT_MAX_COUNT}: IVF-PQ with exact re-ranking"
     else:
-        kind, reason = "ivfpq", f"{raw / 2**30:.1f} GiB of vectors exceed the {memory_budget / 2**30:.1f} GiB budget"
+        kind, reason = "ivfpq", (f"{raw / 2**30:.1f} GiB of vectors exceed the {memory_budget / 2**30:.1f} GiB "
+                                 "budget: IVF-PQ codes in RAM, exact re-ranking from disk")
     nlist = _nlist(count)
     params = {
         "flat": {},
-        # Scanning 1/16 of the lists keeps recall@4 >= 0.97 on clustered caption embeddings (benchmarks/).
-        "ivf": {"nlist": nlist, "nprobe": max(1, nlist // 16)},
-        "ivfpq": {"nlist": nlist, "nprobe": max(1, nlist // 16), "m": _pq_subquantizers(dim), "nbits": 8},
-        "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
+        "ivf": {"nlist": nlist, "nprobe": max(1, nlist // 8)},
+        "ivfpq": {"nlist": nlist, "nprobe": max(1, nlist // 8), "m": _pq_subquantizers(dim), "nbits": 8,
+                  "k_factor": 10},
+        "hnsw": {"M": 32, "ef_construction": 40, "ef_search": 256},
     }[kind]
     return IndexSpec(kind, params, reason)
 
@@ -102,7 +109,7 @@ def new_index(spec: IndexSpec, dim: int) -> faiss.Index:
     if spec.type == "ivf":
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, p["nlist"], ip)
     if spec.type == "ivfpq":
-        return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, p["nlist"], p["m"], p["nbits"], ip)
+        return faiss.IndexRefineFlat(faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, p["nlist"], p["m"], p["nbits"], ip))
     index = faiss.IndexHNSWFlat(dim, p["M"], ip)
     index.hnsw.efConstruction = p["ef_construction"]
     return index
@@ -126,10 +133,12 @@ def build_index(spec: IndexSpec, dim: int, chunks: Callable[[], Iterable[np.ndar
 
 
 def configure_search(index: faiss.Index, spec: IndexSpec) -> None:
-    """Set the query-time knobs (IVF nprobe, HNSW efSearch), which faiss does not store in the file."""
+    """Set the query-time knobs (IVF nprobe, refine depth, HNSW efSearch), which faiss does not store."""
     if spec.type in ("ivf", "ivfpq"):
         faiss.extract_index_ivf(index).nprobe = spec.params["nprobe"]
-    elif spec.type == "hnsw":
+    if "k_factor" in spec.params:
+        faiss.downcast_index(index).k_factor = spec.params["k_factor"]
+    if spec.type == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = spec.params["ef_search"]
 
 
@@ -142,11 +151,12 @@ def read_index(path: str | Path, spec: IndexSpec, mmap: bool = True) -> faiss.In
     """Read an index file, memory-mapping what faiss can map, and apply the query-time parameters.
 
     faiss has two unrelated mmap flags (not combinable bit flags): IO_FLAG_MMAP maps IVF inverted lists,
-    IO_FLAG_MMAP_IFC maps the flat code arrays of IndexFlat* and HNSW's storage (HNSW's graph still loads).
+    IO_FLAG_MMAP_IFC maps flat code arrays: IndexFlat's vectors, HNSW's storage (its graph still loads) and
+    the re-ranking vectors of ivfpq (whose small PQ codes load into RAM).
     """
     flags = 0
     if mmap:
-        flags = faiss.IO_FLAG_MMAP if spec.type in ("ivf", "ivfpq") else faiss.IO_FLAG_MMAP_IFC
+        flags = faiss.IO_FLAG_MMAP if spec.type == "ivf" else faiss.IO_FLAG_MMAP_IFC
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as error:

@@ -24,7 +24,8 @@ def parse_open_clip_name(name: str) -> tuple[str, str]:
     spec = name.removeprefix("open_clip:")
     arch, _, pretrained = spec.partition("/")
     if not arch:
-        raise SmallCapError(f"encoder name {name!r}: expected open_clip:ARCH[/PRETRAINED], e.g. open_clip:RN50x64/openai")
+        raise SmallCapError(f"encoder name {name!r}: expected open_clip:ARCH[/PRETRAINED], "
+                            "e.g. open_clip:RN50x64/openai")
     return arch, pretrained or DEFAULT_TAG
 
 
@@ -55,7 +56,8 @@ class OpenCLIPEncoder:
         arch, pretrained = parse_open_clip_name(name)
         open_clip = _import_open_clip()
         if arch not in open_clip.list_models():
-            raise SmallCapError(f"open_clip has no model {arch!r}; see open_clip.list_models() (e.g. RN50x64, ViT-B-32)")
+            raise SmallCapError(f"open_clip has no model {arch!r}; see open_clip.list_models() "
+                                "(e.g. RN50x64, ViT-B-32)")
         # OpenAI's weights were trained with QuickGELU; open_clip only warns if the architecture disagrees.
         quick_gelu = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
         try:
@@ -71,11 +73,11 @@ class OpenCLIPEncoder:
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Embed PIL images; returns (n, dim) float32 unit vectors."""
-        out = [np.zeros((0, getattr(self, "dim", 0)), np.float32)]
+        out = []
         for batch in _batches(list(images), batch_size, progress, "embedding images"):
             pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in batch]).to(self.device)
             out.append(_normalise(self.model.encode_image(pixels)))
-        return np.concatenate(out)
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
