@@ -50,6 +50,12 @@ def build_bundle(work: Path, seed: int, preset: str = "default") -> Path:
     BUNDLE_DIR.mkdir(parents=True)
     shutil.copytree(model, BUNDLE_DIR / "smallcap", ignore=shutil.ignore_patterns("training_state"))
     shutil.copytree(world_dir / world["models"]["clip"], BUNDLE_DIR / "clip")
+    # The checkpoint config names its base models by the paths they were trained from (a temporary world):
+    # name them by what the bundle ships instead (the decoder's tokenizer is in the checkpoint itself).
+    config_path = BUNDLE_DIR / "smallcap" / "config.json"
+    model_config = json.loads(config_path.read_text(encoding="utf-8"))
+    model_config["encoder"]["_name_or_path"], model_config["decoder"]["_name_or_path"] = "mini-clip", "mini"
+    atomic_write_json(config_path, model_config)
     here = Path.cwd()
     os.chdir(world_dir)  # the manifests record the input files relative to the world, not a temporary path
     try:
