@@ -42,7 +42,7 @@ def experiment(tmp_path_factory) -> tuple[dict, Path]:
 
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "miniworld.py"), "--preset", "small", "--seed", "0",
-         "--work", str(work / "run"), "--out", str(work / "results.json")],
+         "--work", str(work / "run"), "--out", str(work / "results.json"), "--quiet"],
         capture_output=True, text=True, timeout=1500,
         env={**os.environ, "PYTHONPATH": str(REPO / "src"), **OFFLINE, **PASSIVE})
     assert result.returncode == 0, result.stderr[-3000:]
