@@ -193,9 +193,18 @@ def _mean(flags) -> float:
 
 
 def run_experiment(work_dir: str | Path, config: ExperimentConfig, progress: bool = True) -> dict:
-    """World -> datastores -> training -> predictions -> scores under `work_dir` (each finished step is reused
-    when rerun); returns the results with per-stage timings."""
+    """World -> datastores -> training -> predictions -> scores under `work_dir`; returns the results with
+    per-stage timings. Rerun on the same `work_dir` with the same configuration, finished stages are reused (an
+    interrupted run continues)."""
+    from smallcap.io import atomic_write_json
+
     work_dir = Path(work_dir)
+    recorded = work_dir / "experiment.json"
+    if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) != json.loads(json.dumps(asdict(config))):
+        raise SmallCapError(f"{work_dir} holds a run with another configuration ({recorded}); its finished stages "
+                            "cannot be reused: choose another working directory")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(recorded, asdict(config))
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
