@@ -127,7 +127,7 @@ def load_vision_encoder(name_or_path: str):
     from smallcap.hub import explain_load_errors, resolve_pretrained
     from smallcap.modeling import load_smallcap
 
-    resolve_pretrained(name_or_path, "encoder")
+    name_or_path = resolve_pretrained(name_or_path, "encoder")
     with explain_load_errors(name_or_path, "encoder"):
         config = AutoConfig.from_pretrained(name_or_path)
         processor = AutoImageProcessor.from_pretrained(name_or_path)

@@ -1,4 +1,16 @@
-"""Resolving what the user named (local path or Hugging Face Hub id) with clear errors when offline."""
+"""Resolving what the user named (local path, bundled short name, or Hugging Face Hub id) with clear errors.
+
+The one place that knows the short names of what ships inside the package (`src/smallcap/assets/miniworld/`,
+built by `scripts/build_bundle.py`): a miniature SmallCap, its CLIP retrieval encoder and two caption
+datastores of the synthetic "miniworld", so everything runs offline out of the box:
+
+    mini          the bundled SmallCap model (trained with retrieval on the source domain)
+    mini-clip     the bundled CLIP (retrieval encoder of the bundled datastores)
+    mini-source   datastore of the source domain's training captions
+    mini-target   datastore of the target domain's training captions (never seen in training)
+
+An existing local path of the same name takes precedence over a short name.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +34,55 @@ def looks_like_path(name: str) -> bool:
             or os.sep in name and not name.count("/") == 1)
 
 
-def resolve_pretrained(name: str, what: str = "model") -> str:
-    """Check that `name` is an existing local directory or a Hub id that can be fetched (or is cached).
+BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "miniworld"
+BUNDLED_MODELS = {"mini": "smallcap", "mini-clip": "clip"}  # short name -> directory in BUNDLE_DIR
+BUNDLED_DATASTORES = {"mini-source": "datastores/source", "mini-target": "datastores/target"}
+BUNDLED_SAMPLES = BUNDLE_DIR / "samples"
 
-    Returns `name` unchanged; raises SmallCapError with the reason and the fix otherwise.
+
+def bundled_path(name: str | os.PathLike) -> Path | None:
+    """The bundled directory a short name stands for (None for other names and for existing local paths)."""
+    name = str(name)
+    relative = BUNDLED_MODELS.get(name) or BUNDLED_DATASTORES.get(name)
+    if relative is None or Path(name).expanduser().exists():
+        return None
+    path = BUNDLE_DIR / relative
+    if not path.is_dir():
+        raise SmallCapError(f"the bundled {name!r} is missing from this installation ({path}); rebuild it with "
+                            "`python scripts/build_bundle.py` or reinstall smallcap")
+    return path
+
+
+def bundled_name(path: str | os.PathLike) -> str | None:
+    """The short name of a bundled directory (so records of it work from any install path), else None."""
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except OSError:
+        return None
+    for name, relative in {**BUNDLED_MODELS, **BUNDLED_DATASTORES}.items():
+        if resolved == (BUNDLE_DIR / relative).resolve():
+            return name
+    return None
+
+
+def resolve_datastore(name: str | os.PathLike) -> Path:
+    """A datastore directory: a bundled short name (`mini-source`, `mini-target`) or a path."""
+    return bundled_path(name) or Path(name)
+
+
+def resolve_pretrained(name: str, what: str = "model") -> str:
+    """Check that `name` is an existing local directory, a bundled short name (`mini`, `mini-clip`) or a Hub
+    id that can be fetched (or is cached).
+
+    Returns the local directory of a short name, else `name` unchanged; raises SmallCapError with the reason
+    and the fix otherwise.
     """
+    name = str(name)
+    bundled = bundled_path(name) if name in BUNDLED_MODELS else None
+    if bundled is not None:
+        return str(bundled)
+    if name in BUNDLED_DATASTORES and not Path(name).exists():
+        raise SmallCapError(f"{name!r} is a bundled datastore, not a {what}; pass it as --datastore {name}")
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
@@ -74,7 +130,7 @@ def local_snapshot(name: str, what: str = "SmallCap model") -> str:
 
     Only config, weight and tokenizer files are fetched, so one loading path serves both cases.
     """
-    resolve_pretrained(name, what)
+    name = resolve_pretrained(name, what)
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     from huggingface_hub import snapshot_download

@@ -147,8 +147,8 @@ class SmallCap(VisionEncoderDecoderModel):
 
         if cross_attention_reduce_factor not in REDUCE_FACTORS:
             raise SmallCapError(f"reduce factor must be one of {REDUCE_FACTORS}, got {cross_attention_reduce_factor}")
-        resolve_pretrained(encoder_name_or_path, "encoder")
-        resolve_pretrained(decoder_name_or_path, "decoder")
+        encoder_name_or_path = resolve_pretrained(encoder_name_or_path, "encoder")
+        decoder_name_or_path = resolve_pretrained(decoder_name_or_path, "decoder")
         with explain_load_errors(encoder_name_or_path, "encoder"):
             encoder = CLIPVisionModel.from_pretrained(encoder_name_or_path)
         with explain_load_errors(decoder_name_or_path, "decoder"):
@@ -211,8 +211,7 @@ def load_smallcap(name_or_path: str | os.PathLike, **kwargs) -> SmallCap:
     """
     from smallcap.hub import explain_load_errors, resolve_pretrained
 
-    name = str(name_or_path)
-    resolve_pretrained(name, "SmallCap model")
+    name = resolve_pretrained(str(name_or_path), "SmallCap model")
     directory = Path(name)
     if directory.is_dir() and not any((directory / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
         if not (directory / "config.json").exists():

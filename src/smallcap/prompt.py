@@ -21,8 +21,9 @@ def load_tokenizer(name_or_path: str):
     """Load a GPT-2 tokenizer and set SmallCap's pad `!` and end `.` tokens (no BOS is ever added)."""
     from transformers import AutoTokenizer, GPT2Tokenizer
 
-    from smallcap.hub import explain_load_errors
+    from smallcap.hub import bundled_path, explain_load_errors
 
+    name_or_path = str(bundled_path(name_or_path) or name_or_path)
     with explain_load_errors(name_or_path, "tokenizer"):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)

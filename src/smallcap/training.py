@@ -219,7 +219,7 @@ def _load_model(config: TrainingConfig, resume_dir: Path | None):
     """(model, tokenizer, tokenizer as shipped, image processor): new from encoder + decoder, or a checkpoint's."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from smallcap.hub import explain_load_errors
+    from smallcap.hub import bundled_path, explain_load_errors
     from smallcap.modeling import SmallCap, load_smallcap
     from smallcap.prompt import load_tokenizer
 
@@ -230,13 +230,14 @@ def _load_model(config: TrainingConfig, resume_dir: Path | None):
         model.config.k, model.config.rag = config.k, not config.no_retrieval
     model.freeze_for_training(train_decoder=config.train_decoder)
     source = str(resume_dir) if resume_dir else None
-    tokenizer = load_tokenizer(source or config.decoder)
+    decoder, encoder = (str(bundled_path(name) or name) for name in (config.decoder, config.encoder))
+    tokenizer = load_tokenizer(source or decoder)
     # Checkpoints get the tokenizer as the decoder ships it: saved with eos '.', transformers 5 would reload '.'
     # as a special token and split '..' (id 492) into two ids; `load_tokenizer` sets '!' and '.' at load time.
-    with explain_load_errors(source or config.decoder, "tokenizer"):
-        plain_tokenizer = AutoTokenizer.from_pretrained(source or config.decoder)
-    with explain_load_errors(source or config.encoder, "image processor"):
-        processor = AutoImageProcessor.from_pretrained(source or config.encoder)
+    with explain_load_errors(source or decoder, "tokenizer"):
+        plain_tokenizer = AutoTokenizer.from_pretrained(source or decoder)
+    with explain_load_errors(source or encoder, "image processor"):
+        processor = AutoImageProcessor.from_pretrained(source or encoder)
     return model, tokenizer, plain_tokenizer, processor
 
 

@@ -19,6 +19,7 @@ COMMANDS = [
     "smallcap.cli.datastore",
     "smallcap.cli.features",
     "smallcap.cli.train",
+    "smallcap.cli.demo",
 ]
 
 

@@ -1,4 +1,4 @@
-"""`smallcap datastore build|import|info|search`: create, inspect and query caption datastores."""
+"""`smallcap datastore build|import|info|search|retrieve`: create, inspect and query caption datastores."""
 
 from __future__ import annotations
 
@@ -69,6 +69,24 @@ def register(subparsers) -> None:
     search.add_argument("--device", default="auto")
     search.add_argument("--json", action="store_true", help="print results as JSON")
     search.set_defaults(func=run_search)
+
+    retrieve = verbs.add_parser(
+        "retrieve", help="retrieved captions for every image of a split, the --retrieved file of `smallcap train`",
+        description="For each image of a dataset split: its K nearest captions, without the image's own ones "
+                    "(--exclude-own, the default), the first KEEP kept; written as {image_id: [captions]}.")
+    retrieve.add_argument("directories", nargs="+", metavar="DIR", help="one datastore, or several to combine")
+    retrieve.add_argument("--data", required=True, help="annotation file (Karpathy, COCO, JSONL/CSV) or image folder")
+    retrieve.add_argument("--split", default=None, help="split of DATA whose images are queried (e.g. train)")
+    retrieve.add_argument("--images-dir", default=None, help="where the image files are (default: DATA's folder)")
+    retrieve.add_argument("--encoder", help="query encoder (default: the one the datastore names)")
+    retrieve.add_argument("--k", type=int, default=15, help="nearest captions searched per image (default %(default)s)")
+    retrieve.add_argument("--keep", type=int, default=7, help="captions kept per image (default %(default)s)")
+    retrieve.add_argument("--exclude-own", action=argparse.BooleanOptionalAction, default=True,
+                          help="drop captions of the query image itself (default: on)")
+    retrieve.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
+    retrieve.add_argument("--device", default="auto")
+    retrieve.add_argument("--out", required=True, help="JSON file to write")
+    retrieve.set_defaults(func=run_retrieve)
 
 
 def _device(name: str) -> str:
@@ -150,6 +168,22 @@ def run_search(args: argparse.Namespace) -> int:
         print(row["query"])
         for rank, hit in enumerate(row["results"], start=1):
             print(f"  {rank:2d}. {hit['score']:.4f}  {hit['caption']}  [{hit['source_id']}]")
+    return 0
+
+
+def run_retrieve(args: argparse.Namespace) -> int:
+    """`datastore retrieve`."""
+    from smallcap.retrieval.retriever import retrieve_for_dataset
+
+    if args.k < 1 or not 1 <= args.keep:
+        raise SmallCapError(f"--k and --keep must be at least 1 (got --k {args.k}, --keep {args.keep})")
+    retrieved = retrieve_for_dataset(args.directories, args.data, args.out, split=args.split,
+                                     images_dir=args.images_dir, encoder=args.encoder, k=args.k, keep=args.keep,
+                                     exclude_own=args.exclude_own, batch_size=args.batch_size,
+                                     device=_device(args.device))
+    short = sum(len(captions) < args.keep for captions in retrieved.values())
+    print(f"{args.out}: retrieved captions for {len(retrieved)} images"
+          + (f" ({short} with fewer than {args.keep})" if short else ""))
     return 0
 
 

@@ -58,7 +58,7 @@ def load_length_tokenizer(name: str = DEFAULT_LENGTH_TOKENIZER):
     from smallcap.hub import explain_load_errors, resolve_pretrained
 
     if not Path(name).expanduser().is_dir():
-        resolve_pretrained(name, what="tokenizer")
+        name = resolve_pretrained(name, what="tokenizer")
     with explain_load_errors(name, "tokenizer"):
         try:
             return AutoTokenizer.from_pretrained(name)

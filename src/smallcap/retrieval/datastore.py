@@ -159,8 +159,11 @@ class Datastore:
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "Datastore":
-        """Open a datastore directory; with `mmap` the index and captions are memory-mapped, not read."""
-        directory = Path(directory)
+        """Open a datastore directory (or bundled short name, `mini-source`); with `mmap` the index and captions
+        are memory-mapped, not read."""
+        from smallcap.hub import resolve_datastore
+
+        directory = resolve_datastore(directory)
         manifest_path = directory / "manifest.json"
         if not directory.is_dir():
             raise SmallCapError(f"datastore directory {directory} does not exist")
@@ -311,10 +314,11 @@ def load_datastores(directories: Sequence[str | Path], mmap: bool = True) -> Dat
 
 def retrieve_for_training(store: Datastore | MultiDatastore, image_embeddings: np.ndarray, image_ids: Sequence,
                           out_path: str | Path | None = None, k: int = 15, keep: int = 7, batch_size: int = 1024,
-                          progress: bool = True) -> dict[str, list[str]]:
+                          progress: bool = True, exclude_own: bool = True) -> dict[str, list[str]]:
     """Retrieved captions for training, as the reference does it: for each training image, its k=15 nearest
     captions, minus the image's own captions, first `keep`=7 kept. Returns (and with `out_path` writes)
-    the reference's `{"<image_id>": [captions]}` JSON mapping.
+    the reference's `{"<image_id>": [captions]}` JSON mapping. `exclude_own=False` keeps own captions (for
+    images the datastore does not describe, e.g. a test split).
     """
     from smallcap.io import atomic_write_json
 
@@ -326,7 +330,8 @@ def retrieve_for_training(store: Datastore | MultiDatastore, image_embeddings: n
         ids = [str(image_id) for image_id in image_ids[start:start + batch_size]]
         hits = store.search(image_embeddings[start:start + batch_size], k)
         for image_id, captions, sources in zip(ids, hits.captions, hits.source_ids):
-            retrieved[image_id] = [caption for caption, sid in zip(captions, sources) if sid != image_id][:keep]
+            retrieved[image_id] = [caption for caption, sid in zip(captions, sources)
+                                   if not (exclude_own and sid == image_id)][:keep]
     if out_path is not None:
         atomic_write_json(out_path, retrieved)
     return retrieved

@@ -56,11 +56,11 @@ class HFCLIPEncoder:
 
         from smallcap.hub import explain_load_errors, resolve_pretrained
 
-        resolve_pretrained(name_or_path, what="retrieval encoder")
+        path = resolve_pretrained(name_or_path, what="retrieval encoder")  # a bundled short name keeps its name
         with explain_load_errors(name_or_path, "retrieval encoder"):
-            model = CLIPModel.from_pretrained(name_or_path)
-            processor = AutoImageProcessor.from_pretrained(name_or_path)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = CLIPModel.from_pretrained(path)
+            processor = AutoImageProcessor.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, processor, tokenizer, name=str(name_or_path), device=device)
 
     @torch.inference_mode()
@@ -97,15 +97,20 @@ class HFCLIPEncoder:
 def canonical_encoder_name(name: str) -> str:
     """The form of an encoder name that datastores record and compare.
 
-    A local path becomes absolute; `open_clip:ARCH` gains the default `/openai` weights tag; Hub ids
-    and other names are unchanged.
+    A local path becomes absolute, except the bundled encoder's directory, which becomes its short name
+    (`mini-clip`) so that bundled datastores work from any install path; `open_clip:ARCH` gains the default
+    `/openai` weights tag; Hub ids and other names are unchanged.
     """
+    from smallcap.hub import bundled_name
+
     if name.startswith("open_clip:"):
         from smallcap.retrieval.open_clip_encoder import parse_open_clip_name
 
         return "open_clip:{}/{}".format(*parse_open_clip_name(name))
     path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
+    if path.exists():
+        return bundled_name(path) or str(path.resolve())
+    return name
 
 
 def load_encoder(name: str = DEFAULT_RETRIEVAL_ENCODER, device: str = "cpu") -> RetrievalEncoder:

@@ -1,0 +1,267 @@
+"""The miniworld experiment: SmallCap's whole pipeline on a synthetic world, through the public commands only.
+
+world (images, captions, mini CLIP, mini GPT-2)  ->  `smallcap datastore build` (source and target training
+captions, mini CLIP as encoder)  ->  `smallcap datastore retrieve` (training retrieval: top 15, own captions
+dropped, 7 kept)  ->  `smallcap train` on the SOURCE domain only, with and without retrieval  ->  `smallcap
+predict` + `smallcap evaluate` on held-out test images of both domains:
+
+    source test:  no retrieval  |  source datastore
+    target test:  no retrieval  |  source datastore  |  target datastore  |  source + target datastores
+
+The target domain's shapes and colours never occur in a source caption, so the decoder can name them only
+by copying them from retrieved captions: SmallCap's training-free domain transfer (paper section 5) in
+miniature. Besides the COCO metrics, each condition reports how often captions use target-only words and how
+often a caption names exactly the image's shapes (and no colour it lacks), which explains the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from smallcap.errors import SmallCapError
+
+METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+# (condition, test domain, model, datastores); model "rag" is trained with retrieval, "plain" without.
+CONDITIONS = (
+    ("source/no retrieval", "source", "plain", ()),
+    ("source/source datastore", "source", "rag", ("source",)),
+    ("target/no retrieval", "target", "plain", ()),
+    ("target/source datastore", "target", "rag", ("source",)),
+    ("target/target datastore", "target", "rag", ("target",)),
+    ("target/source+target datastores", "target", "rag", ("source", "target")),
+)
+
+
+@dataclass
+class TrainingRecipe:
+    """How `smallcap train` is run on the miniworld (the paper's recipe scaled to a model of ~0.1M trained
+    weights: a larger learning rate, fewer epochs)."""
+
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 1e-3
+    reduce_factor: int = 4
+    k: int = 4
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything the experiment's numbers depend on."""
+
+    seed: int = 0
+    preset: str = "default"  # world size and pretraining preset of smallcap.miniworld.build
+    images_per_domain: int | None = None
+    web_images_per_domain: int | None = None
+    clip_steps: int | None = None
+    lm_steps: int | None = None
+    training: TrainingRecipe = field(default_factory=TrainingRecipe)
+
+
+def cli(*args) -> None:
+    """Run one `smallcap` command in this process, exactly as the command line does; fail on a non-zero exit."""
+    from smallcap.cli import main
+
+    args = [str(arg) for arg in args]
+    code = main(args)
+    if code != 0:
+        raise SmallCapError(f"`smallcap {' '.join(args)}` exited with {code}")
+
+
+def build_world_dir(out_dir: Path, config: ExperimentConfig, progress: bool = True) -> dict:
+    """Build (or reuse, when it exists with the same seed and recipe) the world under `out_dir`."""
+    from smallcap.miniworld.build import build_world, load_world_json, recipe_with
+
+    recipe = recipe_with(config.preset, images_per_domain=config.images_per_domain,
+                         web_images_per_domain=config.web_images_per_domain, clip_steps=config.clip_steps,
+                         lm_steps=config.lm_steps)
+    if (out_dir / "world.json").is_file():
+        world = load_world_json(out_dir)
+        if world["seed"] == config.seed and world["recipe"] == json.loads(json.dumps(asdict(recipe))):
+            return world
+    return build_world(out_dir, seed=config.seed, recipe=recipe, overwrite=True, progress=progress)
+
+
+def karpathy_file(world_dir: Path, world: dict, domain: str) -> Path:
+    """The Karpathy split file of a domain (its images are found relative to it)."""
+    return world_dir / world["domains"][domain]["karpathy"]
+
+
+def build_datastores(world_dir: Path, world: dict, out_dir: Path) -> dict[str, Path]:
+    """A datastore per domain from its training captions, embedded with the world's mini CLIP."""
+    stores = {}
+    for domain in world["domains"]:
+        stores[domain] = out_dir / domain
+        if not (stores[domain] / "manifest.json").is_file():
+            cli("datastore", "build", karpathy_file(world_dir, world, domain), "--out", stores[domain], "--overwrite",
+                "--encoder", world_dir / world["models"]["clip"], "--tokenizer", world_dir / world["models"]["gpt2"])
+    return stores
+
+
+def train_models(world_dir: Path, world: dict, stores: dict[str, Path], out_dir: Path,
+                 recipe: TrainingRecipe, seed: int) -> dict[str, Path]:
+    """Train SmallCap on the source domain's training split: with retrieval ("rag") and without ("plain").
+
+    Both share one feature cache; training retrieval comes from the source datastore (own captions dropped).
+    """
+    data = karpathy_file(world_dir, world, "source")
+    retrieved = out_dir / "retrieved_train.json"
+    if not retrieved.is_file():
+        cli("datastore", "retrieve", stores["source"], "--data", data, "--split", "train", "--k", 15, "--keep", 7,
+            "--exclude-own", "--out", retrieved)
+    common = ["--split", "train", "--encoder", world_dir / world["models"]["clip"],
+              "--decoder", world_dir / world["models"]["gpt2"], "--features", out_dir / "features",
+              "--epochs", recipe.epochs, "--batch-size", recipe.batch_size, "--lr", recipe.lr,
+              "--reduce-factor", recipe.reduce_factor, "--k", recipe.k, "--seed", seed, "--no-progress"]
+    models = {}
+    for name, retrieval in (("rag", ["--retrieved", retrieved]), ("plain", ["--no-retrieval"])):
+        run_dir = out_dir / name
+        models[name] = run_dir / f"epoch-{recipe.epochs}"
+        if not (models[name] / "config.json").is_file():
+            cli("train", data, "--output-dir", run_dir, *retrieval, *common,
+                *(["--resume"] if any(run_dir.glob("*/training_state")) else []))
+    return models
+
+
+def evaluate_conditions(world_dir: Path, world: dict, stores: dict[str, Path], models: dict[str, Path],
+                        out_dir: Path) -> dict[str, dict]:
+    """Predict and score every condition on its domain's test split; adds word and content statistics."""
+    results = {}
+    for name, domain, model, datastores in CONDITIONS:
+        slug = name.replace("/", "_").replace(" ", "-").replace("+", "-")
+        preds, scores = out_dir / f"{slug}.preds.json", out_dir / f"{slug}.scores.json"
+        data = karpathy_file(world_dir, world, domain)
+        retrieval = [arg for store in datastores for arg in ("--datastore", stores[store])] or ["--no-retrieval"]
+        started = time.perf_counter()
+        if not preds.is_file():
+            cli("predict", data, "--split", "test", "--model", models[model], *retrieval, "--out", preds,
+                "--batch-size", 32)
+        predict_s = time.perf_counter() - started
+        if not scores.is_file():
+            cli("evaluate", "--references", data, "--split", "test", "--predictions", preds, "--out", scores,
+                "--metrics", ",".join(("BLEU", "METEOR", "ROUGE-L", "CIDEr")))
+        scored = json.loads(scores.read_text(encoding="utf-8"))
+        captions = {row["image_id"]: row["caption"] for row in json.loads(preds.read_text(encoding="utf-8"))}
+        results[name] = {"domain": domain, "model": model, "datastores": list(datastores),
+                         "images": scored["num_images"], "scores": {m: scored["scores"][m] for m in METRICS},
+                         **caption_statistics(data, world, captions), "predict_s": round(predict_s, 1)}
+    return results
+
+
+def caption_statistics(karpathy: Path, world: dict, captions: dict[int, str]) -> dict:
+    """How the captions relate to the domains' words and to what the images show.
+
+    target_word_captions: share of captions using at least one target-only word (shape or colour);
+    target_word_tokens: share of all caption tokens that are target-only words; source_word_captions: the
+    same as the first for source-only words; content_correct: share of captions naming exactly the image's
+    shapes and no colour it lacks; reference_*: the same shares for the test images' reference captions.
+    """
+    from smallcap.miniworld.captions import caption_tokens, describes_content
+    from smallcap.miniworld.world import Scene, SceneObject
+
+    words = {domain: set(info["content_words"]) for domain, info in world["domains"].items()}
+    entries = {image["cocoid"]: image for image in json.loads(karpathy.read_text(encoding="utf-8"))["images"]
+               if image["cocoid"] in captions}
+    references = [s["raw"] for image in entries.values() for s in image["sentences"]]
+
+    def shares(texts: list[str]) -> dict[str, float]:
+        tokens = [caption_tokens(text) for text in texts]
+        return {"target_word_captions": _mean([bool(words["target"] & set(t)) for t in tokens]),
+                "target_word_tokens": _mean([w in words["target"] for t in tokens for w in t]),
+                "source_word_captions": _mean([bool(words["source"] & set(t)) for t in tokens])}
+
+    def scene(image: dict) -> Scene:
+        objects = [SceneObject(**obj) for obj in image["scene"]["objects"]]
+        return Scene("", 0, image["scene"]["background"], objects)
+
+    content = [describes_content(captions[i], scene(image)) for i, image in entries.items()]
+    reference_content = [describes_content(s["raw"], scene(image)) for image in entries.values()
+                         for s in image["sentences"]]
+    return {**shares(list(captions.values())), "content_correct": _mean(content),
+            **{f"reference_{key}": value for key, value in shares(references).items()},
+            "reference_content_correct": _mean(reference_content)}
+
+
+def _mean(flags) -> float:
+    flags = list(flags)
+    return round(sum(flags) / len(flags), 4) if flags else 0.0
+
+
+def run_experiment(work_dir: str | Path, config: ExperimentConfig, progress: bool = True) -> dict:
+    """World -> datastores -> training -> predictions -> scores under `work_dir`; returns the results with
+    per-stage timings. Rerun on the same `work_dir` with the same configuration, finished stages are reused (an
+    interrupted run continues)."""
+    from smallcap.io import atomic_write_json
+
+    work_dir = Path(work_dir)
+    recorded = work_dir / "experiment.json"
+    if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) != json.loads(json.dumps(asdict(config))):
+        raise SmallCapError(f"{work_dir} holds a run with another configuration ({recorded}); its finished stages "
+                            "cannot be reused: choose another working directory")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(recorded, asdict(config))
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        timings[stage] = round(time.perf_counter() - started - sum(timings.values()), 1)
+
+    world_dir = work_dir / "world"
+    world = build_world_dir(world_dir, config, progress)
+    lap("world_and_pretraining")
+    stores = build_datastores(world_dir, world, work_dir / "datastores")
+    lap("datastores")
+    models = train_models(world_dir, world, stores, work_dir / "training", config.training, config.seed)
+    lap("training")
+    conditions = evaluate_conditions(world_dir, world, stores, models, work_dir / "predictions")
+    lap("predict_and_evaluate")
+    timings["total"] = round(time.perf_counter() - started, 1)
+    return {"config": asdict(config), "world": {"images": {d: info["images"] for d, info in world["domains"].items()},
+                                                 "target_only_words": world["domains"]["target"]["content_words"],
+                                                 "pretraining_metrics": world["metrics"],
+                                                 "pretraining_timings_s": world["timings_s"]},
+            "conditions": conditions, "effects": effects(conditions), "timings_s": timings,
+            "environment": environment()}
+
+
+def effects(conditions: dict[str, dict], metric: str = "CIDEr") -> dict[str, float]:
+    """The differences the experiment is about, in `metric` points."""
+    score = {name: result["scores"][metric] for name, result in conditions.items()}
+    return {
+        "source: retrieval - no retrieval": score["source/source datastore"] - score["source/no retrieval"],
+        "target: target datastore - source datastore": score["target/target datastore"] - score["target/source datastore"],
+        "target: target datastore - no retrieval": score["target/target datastore"] - score["target/no retrieval"],
+        "target: source+target - source datastore":
+            score["target/source+target datastores"] - score["target/source datastore"],
+    }
+
+
+def environment() -> dict:
+    """Where the numbers come from."""
+    import torch
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "cpu"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+            "torch": torch.__version__, "argv": sys.argv}
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a markdown table: one row per condition, metrics x100 and caption statistics in %."""
+    lines = ["| test domain | retrieval | BLEU-4 | METEOR | ROUGE-L | CIDEr | captions with target-only words "
+             "| content correct |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+    for name, result in results["conditions"].items():
+        domain, retrieval = name.split("/", 1)
+        cells = " | ".join(f"{result['scores'][m]:.1f}" for m in METRICS)
+        lines.append(f"| {domain} | {retrieval} | {cells} | {100 * result['target_word_captions']:.0f}% "
+                     f"| {100 * result['content_correct']:.0f}% |")
+    return "\n".join(lines)
