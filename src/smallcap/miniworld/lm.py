@@ -19,18 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from smallcap.miniworld.export import WorldImage
+from smallcap.prompt import TEMPLATE, build_prompt
 
 # SmallCap's prompt (spec §3): k captions joined by blank lines, one "." after the last one.
-PROMPT_HEAD = "Similar images show\n\n"
-PROMPT_TAIL = "\n\nThis image shows "
-NO_RETRIEVAL_PROMPT = "This image shows "
+PROMPT_HEAD, PROMPT_TAIL = TEMPLATE.split("||")
 
 
 def smallcap_prompt(captions: Sequence[str]) -> str:
     """The SmallCap prompt for retrieved `captions` (the no-retrieval prompt when there are none)."""
-    if not captions:
-        return NO_RETRIEVAL_PROMPT
-    return PROMPT_HEAD + "\n\n".join(captions) + "." + PROMPT_TAIL
+    return build_prompt(list(captions) or None, k=len(captions))
 
 
 @dataclass
