@@ -25,11 +25,9 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Idle OpenMP threads spin by default; on the shared 2-core CI machine that made training several times slower.
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
-# CIDEr margins for the small world (`--preset small`, seed 0). Measured over seeds 0-4 (world, pretraining and
-# SmallCap training all reseeded), see benchmarks/results/miniworld_seeds.json:
-#   target datastore - source datastore on target images: SEED_SPREAD_TARGET
-#   target datastore - no retrieval on target images:     SEED_SPREAD_PLAIN
-# Each margin is about half the smallest difference seen over those seeds.
+# CIDEr margins for the small world (`--preset small`, seed 0). PROVISIONAL: not yet measured over several seeds
+# (`python benchmarks/miniworld.py --preset small --seeds 0 1 2 3 4` reports each effect's spread); set each margin
+# to about half the smallest difference seen over those seeds once measured.
 MARGINS = {"target: target datastore - source datastore": 20.0,
            "target: target datastore - no retrieval": 20.0}
 
