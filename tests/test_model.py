@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -73,6 +74,8 @@ def test_reference_checkpoint_round_trip_in_current_format(golden_model, tmp_pat
         assert torch.equal(value, reference[key]), key
     generic = AutoModel.from_pretrained(tmp_path)  # Auto-class registration
     assert isinstance(generic, SmallCap)
+    # Checkpoints carry weights and config only: no copy of our code as remote code.
+    assert not (tmp_path / "modeling.py").exists() and "auto_map" not in json.loads((tmp_path / "config.json").read_text())
 
 
 def test_tiny_model_built_from_pretrained_parts_round_trips(tiny_clip_dir, tmp_path):

@@ -192,8 +192,8 @@ AutoConfig.register("this_gpt2", SmallCapDecoderConfig, exist_ok=True)
 AutoConfig.register("smallcap", SmallCapConfig, exist_ok=True)
 AutoModelForCausalLM.register(SmallCapDecoderConfig, SmallCapDecoder, exist_ok=True)
 AutoModel.register(SmallCapConfig, SmallCap, exist_ok=True)
-SmallCapConfig.register_for_auto_class()
-SmallCap.register_for_auto_class("AutoModel")
+# No `register_for_auto_class`: it would copy this file into every checkpoint as remote code, and that copy
+# cannot run without the smallcap package, whose import registers the classes above anyway.
 
 
 def _read_reference_state_dict(directory: Path) -> dict[str, torch.Tensor]:
