@@ -33,16 +33,20 @@ def run_seeds(args: argparse.Namespace) -> list[dict]:
     """One complete experiment per seed, each in its own working directory."""
     from transformers.utils import logging as transformers_logging
 
-    from smallcap.miniworld.experiment import ExperimentConfig, TrainingRecipe, run_experiment
+    from dataclasses import replace
+
+    from smallcap.miniworld.experiment import TRAINING_PRESETS, ExperimentConfig, run_experiment
 
     transformers_logging.set_verbosity_error()
     work = args.work or Path(tempfile.mkdtemp(prefix="miniworld-"))
     runs = []
     try:
         for seed in args.seeds:
+            training = replace(TRAINING_PRESETS[args.preset], **{name: value for name, value in (
+                ("epochs", args.epochs), ("lr", args.lr)) if value is not None})
             config = ExperimentConfig(seed=seed, preset=args.preset, images_per_domain=args.images_per_domain,
                                       web_images_per_domain=args.web_images_per_domain, clip_steps=args.clip_steps,
-                                      lm_steps=args.lm_steps, training=TrainingRecipe(epochs=args.epochs, lr=args.lr))
+                                      lm_steps=args.lm_steps, training=training)
             runs.append(run_experiment(work / f"seed-{seed}" if len(args.seeds) > 1 else work, config,
                                        progress=not args.quiet))
     finally:
@@ -85,8 +89,6 @@ def report(runs: list[dict]) -> tuple[dict, str]:
 
 def main(argv: list[str] | None = None) -> int:
     from smallcap.io import atomic_write_json, atomic_write_text
-    from smallcap.miniworld.experiment import TrainingRecipe
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", help="several complete runs, one per seed")
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--web-images-per-domain", type=int, help="pretraining images per domain")
     parser.add_argument("--clip-steps", type=int, help="mini CLIP pretraining steps")
     parser.add_argument("--lm-steps", type=int, help="mini GPT-2 pretraining steps")
-    parser.add_argument("--epochs", type=int, default=TrainingRecipe.epochs, help="SmallCap training epochs")
-    parser.add_argument("--lr", type=float, default=TrainingRecipe.lr, help="SmallCap training learning rate")
+    parser.add_argument("--epochs", type=int, help="SmallCap training epochs (default: the preset's)")
+    parser.add_argument("--lr", type=float, help="SmallCap training learning rate (default: the preset's)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one); finished stages "
                         "found there are reused")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary working directory")

@@ -67,8 +67,8 @@ def test_target_datastore_transfers_to_the_unseen_domain(experiment):
 def test_results_and_table_cover_every_condition_and_metric(experiment):
     results, _ = experiment
     assert set(results["conditions"]) == {
-        "source/no retrieval", "source/source datastore", "target/no retrieval", "target/source datastore",
-        "target/target datastore", "target/source+target datastores"}
+        "source/no retrieval", "source/source datastore", "source/oracle retrieval", "target/no retrieval",
+        "target/source datastore", "target/target datastore", "target/source+target datastores"}
     for result in results["conditions"].values():
         assert result["images"] == 30 and set(result["scores"]) == {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
         assert all(value is not None and 0 <= value for value in result["scores"].values())
@@ -90,6 +90,28 @@ def test_training_retrieval_drops_own_captions_and_keeps_7(experiment):
         # 15 neighbours minus at most the image's 5 own captions always leave 7.
         assert len(captions) == 7
         assert all(owners[caption] - {image_id} for caption in captions), image_id
+
+
+@pytest.mark.slow
+def test_oracle_retrieval_puts_captions_of_images_with_the_same_objects_first(experiment):
+    _, work = experiment
+    oracle = json.loads((work / "predictions" / "source.oracle_retrieved.json").read_text())
+    images = json.loads((work / "world" / "source" / "dataset_source.json").read_text())["images"]
+    content = {str(i["cocoid"]): frozenset((o["shape"], o["colour"]) for o in i["scene"]["objects"]) for i in images}
+    train_captions = {}  # caption -> the contents of the training images that have it
+    for image in images:
+        if image["split"] == "train":
+            for sentence in image["sentences"]:
+                train_captions.setdefault(sentence["raw"], set()).add(content[str(image["cocoid"])])
+    test = {str(i["cocoid"]) for i in images if i["split"] == "test"}
+    assert set(oracle) == test
+    train_contents = {c for contents in train_captions.values() for c in contents}
+    matched = [image_id for image_id in test if content[image_id] in train_contents]
+    assert len(matched) >= len(test) // 2  # most test scenes have a training scene with the same objects
+    for image_id, captions in oracle.items():
+        assert len(captions) == 4 and all(caption in train_captions for caption in captions)
+        if image_id in matched:
+            assert content[image_id] in train_captions[captions[0]], image_id
 
 
 # ---------------------------------------------------------------- the bundle
