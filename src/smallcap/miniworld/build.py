@@ -50,7 +50,7 @@ class WorldRecipe:
 PRESETS = {
     "default": WorldRecipe(),
     "small": WorldRecipe(images_per_domain=300, web_images_per_domain=1500,
-                         clip=ClipRecipe(steps=300, batch_size=63), lm=LMRecipe(layers=2, steps=250, batch_size=32)),
+                         clip=ClipRecipe(steps=900, batch_size=63), lm=LMRecipe(layers=2, steps=750, batch_size=32)),
 }
 
 

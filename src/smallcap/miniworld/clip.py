@@ -33,7 +33,7 @@ class ClipRecipe:
     text_layers: int = 2
     projection_dim: int = 64
     max_text_length: int = 77
-    steps: int = 700
+    steps: int = 1400
     batch_size: int = 126
     captions_per_image: int = 2
     lr: float = 2e-3
