@@ -1,8 +1,9 @@
 """SmallCap's method end to end on the miniworld, and the bundled offline default built from it.
 
 The pipeline test runs `benchmarks/miniworld.py` the way a user does, on a world rebuilt at small size, and
-asserts the direction of both effects the method is about, with margins measured over several seeds (see
-MARGINS). The bundle tests run `smallcap demo` and `smallcap caption --model mini --datastore mini-target`
+asserts the direction of the effects that hold over seeds, with margins measured over five of them (see MARGINS):
+the training-free transfer to the target domain, and the source-domain gain from retrieval when the retrieved
+captions are right. The bundle tests run `smallcap demo` and `smallcap caption --model mini --datastore mini-target`
 offline, and check how short names resolve.
 """
 
@@ -25,11 +26,13 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Idle OpenMP threads spin by default; on the shared 2-core CI machine that made training several times slower.
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
-# CIDEr margins for the small world (`--preset small`, seed 0). PROVISIONAL: not yet measured over several seeds
-# (`python benchmarks/miniworld.py --preset small --seeds 0 1 2 3 4` reports each effect's spread); set each margin
-# to about half the smallest difference seen over those seeds once measured.
-MARGINS = {"target: target datastore - source datastore": 20.0,
-           "target: target datastore - no retrieval": 20.0}
+# CIDEr margins for the small world (`--preset small`), half the smallest effect seen over seeds 0-4
+# (benchmarks/results/miniworld_small_seeds.md: +60.5, +61.8 and +7.9 at the smallest). Not asserted: the gain from
+# retrieval with the mini CLIP retriever on the source domain, whose sign changes between seeds (-13.7 to +18.5);
+# the oracle row shows the model does use right captions, so the retriever is what limits it (README).
+MARGINS = {"target: target datastore - source datastore": 30.0,
+           "target: target datastore - no retrieval": 30.0,
+           "source: oracle retrieval - no retrieval": 4.0}
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +51,15 @@ def experiment(tmp_path_factory) -> tuple[dict, Path]:
 
 
 @pytest.mark.slow
-def test_target_datastore_transfers_to_the_unseen_domain(experiment):
+def test_target_datastore_transfers_and_right_captions_help(experiment):
     results, _ = experiment
     effects, conditions = results["effects"], results["conditions"]
     for name, margin in MARGINS.items():
         assert effects[name] > margin, (name, effects[name], margin)
     # The mechanism: only captions written with target retrieval use the target domain's words at all.
     assert conditions["target/target datastore"]["target_word_captions"] > 0.5
-    for name in ("target/no retrieval", "target/source datastore", "source/no retrieval", "source/source datastore"):
+    for name in ("target/no retrieval", "target/source datastore", "source/no retrieval", "source/source datastore",
+                 "source/oracle retrieval"):
         assert conditions[name]["target_word_captions"] < 0.1, name
     # Target images retrieve target captions from the combined datastores, so combining costs little.
     combined = conditions["target/source+target datastores"]["scores"]["CIDEr"]
