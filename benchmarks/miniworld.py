@@ -24,6 +24,7 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -32,8 +33,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def run_seeds(args: argparse.Namespace) -> list[dict]:
     """One complete experiment per seed, each in its own working directory."""
     from transformers.utils import logging as transformers_logging
-
-    from dataclasses import replace
 
     from smallcap.miniworld.experiment import TRAINING_PRESETS, ExperimentConfig, run_experiment
 
@@ -89,10 +88,13 @@ def report(runs: list[dict]) -> tuple[dict, str]:
 
 def main(argv: list[str] | None = None) -> int:
     from smallcap.io import atomic_write_json, atomic_write_text
+    from smallcap.miniworld.experiment import TRAINING_PRESETS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", help="several complete runs, one per seed")
-    parser.add_argument("--preset", default="default", help="world preset of smallcap.miniworld.build")
+    parser.add_argument("--preset", default="default", choices=sorted(TRAINING_PRESETS),
+                        help="world size and recipes (smallcap.miniworld.build.PRESETS, experiment.TRAINING_PRESETS)")
     parser.add_argument("--images-per-domain", type=int, help="dataset images per domain (80/10/10 splits)")
     parser.add_argument("--web-images-per-domain", type=int, help="pretraining images per domain")
     parser.add_argument("--clip-steps", type=int, help="mini CLIP pretraining steps")
