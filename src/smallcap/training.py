@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smallcap.errors import SmallCapError
+from smallcap.errors import SmallCapError, require_extra
 from smallcap.features import EncoderInfo, FeatureCache, extract_features
 from smallcap.io import atomic_directory, atomic_write_json, atomic_write_text
 from smallcap.modeling import REDUCE_FACTORS
@@ -98,14 +98,14 @@ class EpochShuffle(torch.utils.data.Sampler):
 
 def train(config: TrainingConfig) -> Path:
     """Train (or resume training) and return the final checkpoint directory. Input problems fail before step 1."""
-    from accelerate import Accelerator, DataLoaderConfiguration
+    accelerate = require_extra("accelerate", "train", "Training")
     from accelerate.state import AcceleratorState, GradientState
 
     _validate(config)
     # cpu=True on a machine without GPUs, so that `torchrun --nproc-per-node N` gives N CPU processes (gloo).
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=config.mixed_precision,
+    accelerator = accelerate.Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=accelerate.DataLoaderConfiguration(split_batches=True))
     try:
         _check_device(config, accelerator)
         return _train(replace(config, mixed_precision=accelerator.mixed_precision), accelerator)
