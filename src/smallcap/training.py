@@ -1,6 +1,6 @@
 """Training SmallCap's cross-attention from cached encoder states, with accelerate (one device or many).
 
-The loop is the reference's recipe (spec §6): AdamW, linear decay to 0 without warm-up, gradient clipping,
+The loop is the reference code's recipe: AdamW, linear decay to 0 without warm-up, gradient clipping,
 one sample per (image, caption) pair, dropout of the frozen GPT-2 active. `batch_size` is the batch of one
 optimizer step, split over processes and gradient-accumulation steps, so the same command trains the same
 model on one device or several. Each checkpoint is a SmallCap directory `load_smallcap` reads, with the
@@ -38,7 +38,7 @@ _RESULT_FIELDS = ("data", "split", "retrieved", "encoder", "decoder", "reduce_fa
 
 @dataclass
 class TrainingConfig:
-    """Everything a training run depends on; the defaults are the reference's (spec §6)."""
+    """Everything a training run depends on; the defaults are the reference code's."""
 
     data: str
     output_dir: str
