@@ -64,7 +64,8 @@ class Captioner:
 
     `captioner(images, retrieved=None)` accepts file paths (images or videos), PIL images and arrays. Retrieved captions come
     from `retrieved` (one list per image) when given, else from the attached `retriever` (a datastore); with
-    `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions.
+    `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions, and a
+    `retrieved` argument is ignored.
     """
 
     def __init__(self, model: SmallCap, tokenizer, image_processor, retriever: Retriever | None = None,
@@ -120,7 +121,10 @@ class Captioner:
         return self.model.encoder(pixel_values=pixels).last_hidden_state
 
     def caption_encoded(self, encoder_states: torch.Tensor, retrieved: Sequence[Sequence[str]] | None) -> list[str]:
-        """Captions for precomputed encoder states (e.g. from a feature cache), one per row."""
+        """Captions for precomputed encoder states (e.g. from a feature cache), one per row; `retrieved` is
+        ignored when the captioner does not use retrieval."""
+        if not self.use_retrieval:
+            retrieved = None
         prompts = [prompt_ids(self.tokenizer, None if retrieved is None else caps, self.k)
                    for caps in (retrieved if retrieved is not None else [None] * len(encoder_states))]
         new_ids = generate(self.model, prompts, encoder_hidden_states=encoder_states, settings=self.settings)
@@ -132,6 +136,8 @@ class Captioner:
         if isinstance(images, (str, os.PathLike, Image.Image)) or getattr(images, "ndim", 0) == 3:
             images = [images]
         images = list(images)
+        if not self.use_retrieval:
+            retrieved = None  # the model's prompt has no retrieved captions, whatever is given
         if retrieved is not None and len(retrieved) != len(images):
             raise SmallCapError(f"got {len(images)} images but {len(retrieved)} lists of retrieved captions")
         if self.use_retrieval and retrieved is None and self.retriever is None:
