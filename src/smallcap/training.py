@@ -217,9 +217,10 @@ def _train(config: TrainingConfig, accelerator) -> Path:
 
 def _load_model(config: TrainingConfig, resume_dir: Path | None):
     """(model, tokenizer, tokenizer as shipped, image processor): new from encoder + decoder, or a checkpoint's."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from smallcap.hub import bundled_path, explain_load_errors
+    from smallcap.loading import load_image_processor
     from smallcap.modeling import SmallCap, load_smallcap
     from smallcap.prompt import load_tokenizer
 
@@ -236,8 +237,7 @@ def _load_model(config: TrainingConfig, resume_dir: Path | None):
     # as a special token and split '..' (id 492) into two ids; `load_tokenizer` sets '!' and '.' at load time.
     with explain_load_errors(source or decoder, "tokenizer"):
         plain_tokenizer = AutoTokenizer.from_pretrained(source or decoder)
-    with explain_load_errors(source or encoder, "image processor"):
-        processor = AutoImageProcessor.from_pretrained(source or encoder)
+    processor = load_image_processor(source or encoder)
     return model, tokenizer, plain_tokenizer, processor
 
 
