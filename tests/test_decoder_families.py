@@ -80,6 +80,7 @@ def trained(request, coco, features, tiny_clip_dir, tmp_path_factory):
     return decoder_type, base, out / "epoch-1"
 
 
+@pytest.mark.slow
 def test_train_builds_the_family_from_the_decoder_config_and_trains_only_the_cross_attention(trained):
     decoder_type, base, checkpoint = trained
     model = load_smallcap(checkpoint)  # our own format (safetensors) loads back
@@ -95,6 +96,7 @@ def test_train_builds_the_family_from_the_decoder_config_and_trains_only_the_cro
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"decoder.{n}" for n in cross}
 
 
+@pytest.mark.slow
 def test_caption_and_predict_with_the_trained_checkpoint(trained, coco, features, tmp_path):
     decoder_type, _, checkpoint = trained
     captioner = Captioner.from_pretrained(str(checkpoint))

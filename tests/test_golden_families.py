@@ -18,6 +18,7 @@ from conftest import SHARED, run_cli
 from golden import Pack
 from smallcap.captioner import Captioner
 from smallcap.generation import GenerationSettings, generate
+from smallcap.modeling import load_smallcap
 from smallcap.prompt import collate_training_examples, prompt_ids, training_example
 
 PACKS = {"opt": SHARED / "golden" / "ref-opt-r4", "xglm": SHARED / "golden" / "ref-xglm-r8"}
@@ -49,6 +50,20 @@ def test_checkpoint_loads_as_its_family_with_the_reference_trainable_parameters(
     assert model.num_trainable_parameters() == {"this_opt": 53_728, "this_xglm": 27_056}[pack.decoder_type]
     trainable = {name.rsplit(".", 2)[-2] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"k_proj", "v_proj", "q_proj", "out_proj", "encoder_attn_layer_norm"}
+
+
+def test_saved_in_our_format_and_loaded_back_unchanged(pack, captioner, encoder_states, tmp_path):
+    captioner.model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded = load_smallcap(tmp_path)
+    assert reloaded.config.decoder.model_type == pack.decoder_type
+    original = captioner.model.state_dict()
+    assert reloaded.state_dict().keys() == original.keys()
+    assert all(torch.equal(value, original[key]) for key, value in reloaded.state_dict().items())
+    assert reloaded.num_trainable_parameters() == captioner.model.num_trainable_parameters()
+    prompt = prompt_ids(captioner.tokenizer, pack.retrieved()[0])
+    assert (generate(reloaded, [prompt], encoder_hidden_states=encoder_states[:1])
+            == [pack.expected("gen_rag_beam3_encoder_outputs.json")["per_image"][0]["new_ids"]])
 
 
 def test_pixels_and_encoder_states(pack, captioner):
@@ -152,6 +167,7 @@ def test_captions_through_python_api(pack, captioner):
     assert [r.caption for r in results] == pack.expected_captions("gen_norag_beam3.json")
 
 
+@pytest.mark.slow
 def test_captions_through_cli(pack, tmp_path):
     out = tmp_path / "captions.jsonl"
     run_cli("caption", pack.root / "images", "--model", pack.root, "--batch-size", "3", "--num-beams", "1",
