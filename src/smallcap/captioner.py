@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from smallcap.decoders import FAMILIES
 from smallcap.errors import MissingExtraError, SmallCapError
 from smallcap.hub import DEFAULT_MODEL
 from smallcap.generation import GenerationSettings, generate
@@ -18,8 +19,8 @@ from smallcap.images import ImageInput, VideoOptions, describe, load_image
 from smallcap.modeling import SmallCap, load_smallcap
 from smallcap.prompt import clean_caption, load_tokenizer, prompt_ids
 
-# Published SmallCap checkpoints ship neither tokenizer nor image processor: they come from the base models.
-DEFAULT_DECODER = "gpt2"
+# Published SmallCap checkpoints ship neither tokenizer nor image processor: they come from the base models
+# (the tokenizer, failing that, is the decoder family's default, see `smallcap.decoders.FAMILIES`).
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
 
 # A retriever maps a batch of images (and the model's encoder states for them) to retrieved captions.
@@ -97,7 +98,10 @@ class Captioner:
         directory = local_snapshot(str(model))
         smallcap = load_smallcap(directory, **({"dtype": dtype} if dtype else {})).to(device)
         config = smallcap.config
-        tok = _load_with_fallback(load_tokenizer, [tokenizer, directory, _base_name(config.decoder, DEFAULT_DECODER)],
+        decoder_type = config.decoder.model_type
+        default_tokenizer = FAMILIES[decoder_type].default_tokenizer
+        tok = _load_with_fallback(lambda name: load_tokenizer(name, decoder_type),
+                                  [tokenizer, directory, _base_name(config.decoder, default_tokenizer), default_tokenizer],
                                   "tokenizer")
         processor = _load_with_fallback(
             AutoImageProcessor.from_pretrained,
