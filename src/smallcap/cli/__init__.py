@@ -20,6 +20,7 @@ COMMANDS = [
     "smallcap.cli.features",
     "smallcap.cli.train",
     "smallcap.cli.demo",
+    "smallcap.cli.serve",
 ]
 
 
