@@ -50,6 +50,20 @@ def cli_source():
     return cli_captions(IMAGES[:6], "--datastore", "mini-source")
 
 
+def api_captions(engine, paths, datastores=None, **settings) -> dict[str, dict]:
+    """What the Python API (`Captioner` on the same model) gives for `paths`: {file name: result dict}."""
+    from smallcap.captioner import Captioner
+    from smallcap.generation import GenerationSettings
+    from smallcap.retrieval.retriever import DatastoreRetriever
+
+    loaded = engine.captioner
+    retriever = None if datastores is None else DatastoreRetriever.from_directories(
+        datastores, vision_model=loaded.model.encoder)
+    captioner = Captioner(loaded.model, loaded.tokenizer, loaded.image_processor, retriever=retriever,
+                          use_retrieval=datastores is not None, settings=GenerationSettings(**settings))
+    return {r.image.rsplit("/", 1)[-1]: r.to_dict() for r in captioner(paths)}
+
+
 def multipart(paths, **fields):
     files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
     return {"files": files, "data": fields}
@@ -79,9 +93,9 @@ def test_multipart_captions_equal_the_cli_with_retrieved_scores_and_timings(serv
         assert set(result["timings_ms"]) == {"queue", "encode", "retrieve", "decode", "total"}
 
 
-def test_base64_json_with_both_datastores_equals_the_cli_combining_them(server):
+def test_base64_json_with_both_datastores_equals_the_api_combining_them(server, engine):
     paths = IMAGES[:3]
-    expected = cli_captions(paths, "--datastore", "mini-source", "--datastore", "mini-target")
+    expected = api_captions(engine, paths, ["mini-source", "mini-target"])
     body = {"images": [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in paths],
             "datastores": ["mini-source", "mini-target"]}
     results = server.post("/v1/captions", json=body).json()["results"]
@@ -90,9 +104,9 @@ def test_base64_json_with_both_datastores_equals_the_cli_combining_them(server):
         assert [r["caption"] for r in result["retrieved"]] == expected[result["input"]]["retrieved"]
 
 
-def test_no_retrieval_and_target_store_k_and_settings(server):
+def test_no_retrieval_and_target_store_k_and_settings(server, engine):
     paths = IMAGES[:2]
-    expected = cli_captions(paths, "--no-retrieval", "--num-beams", "1", "--max-new-tokens", "8")
+    expected = api_captions(engine, paths, None, num_beams=1, max_new_tokens=8)
     results = server.post("/v1/captions", **multipart(paths, datastores="none", num_beams="1",
                                                        max_new_tokens="8")).json()["results"]
     assert [r["caption"] for r in results] == [expected[p.name]["caption"] for p in paths]
