@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import re
 import tempfile
@@ -129,37 +130,44 @@ def _safe_name(name: str) -> str:
 def decode_uploads(uploads: list[Upload], video_options=None) -> list[Image.Image | str]:
     """Each upload as an RGB image, or the error message `smallcap caption` would give for that file.
 
-    Raises RequestError(413) for an image with more pixels than PIL's decompression-bomb limit.
-    Videos are recognised by content, as by the CLI; uploads are written to a private temporary directory so
-    the same loader reads them.
+    Raises RequestError(413) for an image with more pixels than PIL's decompression-bomb limit. Still images
+    are decoded in memory; anything else (videos, animated GIFs, unreadable data) is written to a private
+    temporary directory and read by the CLI's loader, so videos work and errors are worded alike.
     """
-    from smallcap.images import load_image
-
     decoded: list[Image.Image | str] = []
     with tempfile.TemporaryDirectory(prefix="smallcap-serve-") as tmp:
         for index, upload in enumerate(uploads):
-            path = Path(tmp) / str(index) / _safe_name(upload.name)
-            path.parent.mkdir()
-            path.write_bytes(upload.data)
-            _check_pixels(path, upload.name)
-            try:
-                decoded.append(load_image(path, video_options))
-            except SmallCapError as error:
-                decoded.append(str(error).replace(str(path), upload.name))
+            image = _still_image(upload)
+            decoded.append(image if image is not None else _load_from_file(upload, Path(tmp) / str(index),
+                                                                            video_options))
     return decoded
 
 
-def _check_pixels(path: Path, name: str) -> None:
+def _still_image(upload: Upload) -> Image.Image | None:
+    """The upload as an RGB image when it is a single-frame still image, else None."""
     limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
+            with Image.open(io.BytesIO(upload.data)) as image:
+                if getattr(image, "n_frames", 1) > 1:  # animated: a video to the CLI
+                    return None
+                image.load()
+                return image.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RequestError(413, f"{name}: image has more pixels than the limit of {limit} "
+        raise RequestError(413, f"{upload.name}: image has more pixels than the limit of {limit} "
                                 "(a decompression bomb?)") from None
-    except Exception:  # not an image (a video, or garbage): the loader reports it
-        return
-    if limit and width * height > limit:
-        raise RequestError(413, f"{name}: {width}x{height} image exceeds the limit of {limit} pixels")
+    except Exception:  # not a readable still image: the CLI's loader says why
+        return None
+
+
+def _load_from_file(upload: Upload, directory: Path, video_options) -> Image.Image | str:
+    from smallcap.images import load_image
+
+    path = directory / _safe_name(upload.name)
+    directory.mkdir()
+    path.write_bytes(upload.data)
+    try:
+        return load_image(path, video_options)
+    except SmallCapError as error:
+        return str(error).replace(str(path), upload.name)
