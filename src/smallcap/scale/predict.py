@@ -13,6 +13,7 @@ dead captioning actor and reruns the blocks it held. A rerun skips shards whose 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -57,10 +58,18 @@ def connect(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
     except ConnectionError as error:
         raise SmallCapError(f"cannot connect to the Ray cluster at {address}: {error}") from None
     return True
+
+
+def quiet_ray_data() -> None:
+    """Our own progress bar replaces Ray Data's per-operator bars and periodic progress log."""
+    ray = import_ray()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _shard_path(output_dir: Path, name: str) -> Path:
@@ -123,8 +132,11 @@ class CaptionWorker:
     of decoded images, marker rows passed through."""
 
     def __init__(self, options: dict[str, Any]):
+        from transformers.utils import logging as transformers_logging
+
         from smallcap.captioner import Captioner
 
+        transformers_logging.disable_progress_bar()  # weight-loading bars from every actor clutter the driver
         self.captioner = Captioner.from_pretrained(**options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -210,10 +222,14 @@ def _run(todo: Sequence[InputShard], output_dir: Path, captioner_options: dict, 
     ray = import_ray()
     from tqdm.auto import tqdm
 
+    quiet_ray_data()
     items = [{"shard": s.name, "tar": s.tar or "", "items": json.dumps([list(i) for i in s.items])} for s in todo]
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                .flat_map(_expand)
-               .map_batches(_decode, batch_size=batch_size, fn_kwargs={"video_options": video_options})
+               # Half a CPU per decode task: unlike the actors' one, this keeps Ray Data from fusing decoding
+               # into the captioning actors, so decoding runs in parallel CPU tasks, as planned.
+               .map_batches(_decode, batch_size=batch_size, fn_kwargs={"video_options": video_options},
+                            num_cpus=0.5)
                .map_batches(CaptionWorker, fn_constructor_kwargs={"options": captioner_options},
                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_workers),
                             num_cpus=1, num_gpus=gpus_per_worker or None))
