@@ -185,3 +185,45 @@ def test_killed_captioning_actor_is_redone_exactly_once(cluster, local_captions,
     assert [row["caption"] for row in rows] == [local_captions[p.name] for p in IMAGES]
     written = [row["image_id"] for path in sorted(shard_dir.iterdir()) for row in read_output_shard(path)]
     assert sorted(written) == sorted(int(p.stem) for p in IMAGES)  # no duplicates, none missing
+
+
+@pytest.mark.slow
+def test_ray_datastore_build_matches_single_process(cluster, tmp_path):
+    """`datastore build --engine ray` (two embedding actors, 4 shards) on 3,000 of the 25k COCO val captions (a
+    subset, to keep CI time down): the same captions, vectors, manifest and flat-index search results as the
+    single-process build."""
+    import faiss
+    import numpy as np
+    import torch
+
+    from conftest import COCO_VAL_CAPTIONS, GPT2_TOKENIZER_DIR
+    from smallcap.cli import main
+    from smallcap.retrieval.build import build_datastore
+    from smallcap.retrieval.datastore import Datastore
+
+    torch.set_num_threads(1)
+    coco = json.loads(COCO_VAL_CAPTIONS.read_text())
+    annotations = coco["annotations"][:3000]
+    ids = {a["image_id"] for a in annotations}
+    subset = tmp_path / "captions.json"
+    subset.write_text(json.dumps({"images": [im for im in coco["images"] if im["id"] in ids],
+                                  "annotations": annotations}))
+    options = ["--encoder", "mini-clip", "--index", "flat", "--tokenizer", str(GPT2_TOKENIZER_DIR),
+               "--shard-size", "800", "--batch-size", "200", "--device", "cpu"]
+    assert main(["datastore", "build", str(subset), "--out", str(tmp_path / "ray"), *options,
+                 "--engine", "ray", "--num-workers", "2"]) == 0
+    local = build_datastore([subset], tmp_path / "local", "mini-clip", index="flat", tokenizer=str(GPT2_TOKENIZER_DIR),
+                            shard_size=800, batch_size=200, progress=False)
+    distributed = Datastore.load(tmp_path / "ray")
+    assert len(distributed) == len(local) > 2900
+    for name in ("captions.txt", "source_ids.txt", "source_files.npy"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    manifests = [json.loads((tmp_path / side / "manifest.json").read_text()) for side in ("ray", "local")]
+    for manifest in manifests:
+        manifest.pop("created")
+        manifest["inputs"] = [{**item, "path": Path(item["path"]).name} for item in manifest["inputs"]]
+    assert manifests[0] == manifests[1]
+    vectors = [faiss.read_index(str(tmp_path / side / "index.faiss")) for side in ("ray", "local")]
+    assert np.array_equal(vectors[0].reconstruct_n(0, vectors[0].ntotal), vectors[1].reconstruct_n(0, vectors[1].ntotal))
+    queries = vectors[1].reconstruct_n(0, 50) + np.random.default_rng(0).normal(0, 0.05, (50, vectors[1].d)).astype(np.float32)
+    assert distributed.search(queries, 8).captions == local.search(queries, 8).captions
