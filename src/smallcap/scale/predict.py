@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from smallcap.errors import SmallCapError
+from smallcap.errors import SmallCapError, require_extra
 from smallcap.io import atomic_write_json, atomic_write_text
 from smallcap.scale.sources import InputShard, Item, open_item, read_shard
 
@@ -42,13 +42,9 @@ class RayPredictionReport:
 
 
 def import_ray():
-    """The `ray` module, or a SmallCapError naming the extra to install."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise SmallCapError("--engine ray needs the optional extra: pip install 'smallcap[ray]'") from None
-    return ray
+    """The `ray` module with Ray Data loaded, or MissingExtraError naming `pip install 'smallcap[ray]'`."""
+    require_extra("ray.data", "ray", "Running on Ray (--engine ray)")
+    return require_extra("ray", "ray", "Running on Ray (--engine ray)")
 
 
 def connect(address: str | None = None) -> bool:
