@@ -57,9 +57,11 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it replaces `path`, on error it is removed.
 
-    With `overwrite=False` an existing `path` is an error, so finished output is never clobbered.
+    With `overwrite=False` an existing `path` is an error, so finished output is never clobbered. With
+    `overwrite=True` the old directory stays in place until the new one is complete: it is renamed aside,
+    the new one renamed in, and only then the old one deleted (callers decide what may be replaced).
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,18 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
+        old = None
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old / path.name, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,6 +6,7 @@ with an unspaced word); re-encoding the joined string gives other ids and breaks
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from smallcap.modeling import END_TOKEN_ID, PAD_TOKEN_ID
@@ -21,9 +22,11 @@ def load_tokenizer(name_or_path: str):
     """Load a GPT-2 tokenizer and set SmallCap's pad `!` and end `.` tokens (no BOS is ever added)."""
     from transformers import AutoTokenizer, GPT2Tokenizer
 
-    from smallcap.hub import bundled_path, explain_load_errors
+    from smallcap.hub import bundled_path, explain_load_errors, resolve_pretrained
 
     name_or_path = str(bundled_path(name_or_path) or name_or_path)
+    if not Path(name_or_path).expanduser().is_dir():
+        name_or_path = resolve_pretrained(name_or_path, "tokenizer")
     with explain_load_errors(name_or_path, "tokenizer"):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
