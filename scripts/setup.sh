@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,parquet]"
+.venv/bin/python -m pip install -q -e ".[all,test]"
 if [ "${1:-}" != "--no-demo" ]; then
   .venv/bin/smallcap demo
 fi

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from smallcap.errors import SmallCapError
+from smallcap.errors import MissingExtraError, SmallCapError
 from smallcap.hub import DEFAULT_MODEL
 from smallcap.generation import GenerationSettings, generate
 from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, VideoOptions, describe, load_image
@@ -198,6 +198,8 @@ class Captioner:
                     loaded.append(load_image(source, self.video, max_pixels=self.max_image_pixels))
                     ok.append(position)
                     results.append(CaptionResult(name, None))
+                except MissingExtraError:  # the environment, not this input: every video would fail alike
+                    raise
                 except SmallCapError as error:
                     results.append(CaptionResult(name, None, error=str(error)))
             if loaded:
