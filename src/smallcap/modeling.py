@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -245,7 +246,12 @@ def load_smallcap(name_or_path: str | os.PathLike, **kwargs) -> SmallCap:
     with explain_load_errors(name, "SmallCap model"):
         config = SmallCapConfig.from_pretrained(name)
         _check_is_smallcap(config, name)
-        model = SmallCap.from_pretrained(name, config=config, **kwargs)
+        try:
+            model = SmallCap.from_pretrained(name, config=config, **kwargs)
+        except SafetensorError as error:
+            weights = directory / "model.safetensors" if directory.is_dir() else f"{name}'s model.safetensors"
+            raise SmallCapError(f"{weights} is damaged or incomplete ({str(error).splitlines()[0]}); download or "
+                                "copy the checkpoint again") from None
     model.freeze_for_training()  # loading replaces parameters, which resets requires_grad
     return model.eval()
 

@@ -7,6 +7,7 @@ OPT and XGLM prompts start with "</s>" as the reference's tokenizers add it; GPT
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from smallcap.decoders import FAMILIES
@@ -27,9 +28,11 @@ def load_tokenizer(name_or_path: str, decoder_type: str = "this_gpt2"):
     """
     from transformers import AutoTokenizer, GPT2Tokenizer
 
-    from smallcap.hub import bundled_path, explain_load_errors
+    from smallcap.hub import bundled_path, explain_load_errors, resolve_pretrained
 
     name_or_path = str(bundled_path(name_or_path) or name_or_path)
+    if not Path(name_or_path).expanduser().is_dir():
+        name_or_path = resolve_pretrained(name_or_path, "tokenizer")
     # An XGLM tokenizer saved with eos '.' would rebuild its post-processor as ". $A": load it with its own eos.
     options = {"eos_token": "</s>"} if decoder_type == "this_xglm" else {}
     with explain_load_errors(name_or_path, "tokenizer"):
