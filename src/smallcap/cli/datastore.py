@@ -32,7 +32,7 @@ def register(subparsers) -> None:
                        help="RAM for raw vectors before auto switches to a compressed index (default %(default)s)")
     build.add_argument("--max-tokens", type=int, default=25,
                        help="drop captions longer than this many GPT-2 tokens; 0 keeps all (default %(default)s)")
-    build.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer id or directory for --max-tokens")
+    build.add_argument("--tokenizer", default="gpt2", help="the decoder's tokenizer (id or directory) for --max-tokens, e.g. facebook/opt-125m for OPT")
     build.add_argument("--dedupe", action="store_true", help="keep only the first copy of identical captions")
     build.add_argument("--splits", default=",".join(DATASTORE_SPLITS),
                        help="splits kept from Karpathy/MSR-VTT files, comma-separated, or 'all' (default %(default)s)")
