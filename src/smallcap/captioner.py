@@ -107,9 +107,8 @@ class Captioner:
         config = smallcap.config
         decoder_type = config.decoder.model_type
         default_tokenizer = FAMILIES[decoder_type].default_tokenizer
-        tok = _load_with_fallback(lambda name: load_tokenizer(name, decoder_type),
-                                  [tokenizer, directory, _base_name(config.decoder, default_tokenizer), default_tokenizer],
-                                  "tokenizer")
+        candidates = [tokenizer, directory, _base_name(config.decoder, default_tokenizer), default_tokenizer]
+        tok = _load_with_fallback(lambda name: load_tokenizer(name, decoder_type), candidates, "tokenizer")
         processor = _load_with_fallback(
             AutoImageProcessor.from_pretrained,
             [image_processor, directory, _base_name(config.encoder, DEFAULT_ENCODER)], "image processor")

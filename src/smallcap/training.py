@@ -156,8 +156,8 @@ def _train(config: TrainingConfig, accelerator) -> Path:
     micro_batch = config.batch_size // config.gradient_accumulation_steps
     sampler = EpochShuffle(len(dataset), config.seed)
     # Its own generator, so that starting an epoch's iterator never draws from the global (dropout) RNG.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler,
-                                         collate_fn=functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id),
+    collate = functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id)  # the family's '!'
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate,
                                          num_workers=config.num_workers, generator=torch.Generator())
     batches_per_epoch = math.ceil(len(dataset) / micro_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
