@@ -17,6 +17,7 @@ import httpx  # noqa: E402
 
 from conftest import REPO, run_cli  # noqa: E402
 from serving_helpers import cli_captions, free_port, smallest_coco_images, wait_ready  # noqa: E402
+from test_packaging import assert_one_line_error, run_without_extras  # noqa: E402
 
 
 def test_serve_with_defaults_answers_like_the_cli_and_drains_on_sigterm():
@@ -69,3 +70,9 @@ def test_serve_refuses_bad_options_before_loading(tmp_path):
     assert "Traceback" not in missing.stderr
     batch = run_cli("serve", "--max-batch", "0", check=False)
     assert batch.returncode == 2 and "--max-batch must be at least 1" in batch.stderr
+
+
+def test_serve_without_the_serve_extra_is_one_message():
+    result = run_without_extras("serve", "--port", str(free_port()), blocked=("fastapi", "uvicorn"))
+    assert_one_line_error(result, "serve")
+    assert "Serving over HTTP" in result.stderr

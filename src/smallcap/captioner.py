@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from smallcap.errors import SmallCapError
+from smallcap.errors import MissingExtraError, SmallCapError
 from smallcap.hub import DEFAULT_MODEL
 from smallcap.generation import GenerationSettings, generate
 from smallcap.images import ImageInput, VideoOptions, describe, load_image
@@ -149,6 +149,8 @@ class Captioner:
                     loaded.append(load_image(source, self.video))
                     ok.append(index)
                     results.append(CaptionResult(name, None))
+                except MissingExtraError:  # the environment, not this input: every video would fail alike
+                    raise
                 except SmallCapError as error:
                     results.append(CaptionResult(name, None, error=str(error)))
             if loaded:

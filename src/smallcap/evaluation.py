@@ -15,11 +15,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from smallcap.errors import SmallCapError
+from smallcap.errors import SmallCapError, require_extra
 
 ImageId = int | str
 # Each metric and the scores it reports, in table order.
@@ -238,18 +239,19 @@ class MetricUnavailable(Exception):
 Scores = tuple[dict[str, float], dict[str, list[float]]]  # corpus scores, per-image scores in batch order
 
 
-def _bleu(batch: Batch) -> Scores:
-    from pycocoevalcap.bleu.bleu import Bleu
+def _pycocoevalcap(submodule: str) -> ModuleType:
+    """pycocoevalcap's `submodule`; the `eval` extra installs it."""
+    return require_extra(f"pycocoevalcap.{submodule}", "eval", "Computing caption metrics")
 
-    corpus, per_image = Bleu(4).compute_score(batch.refs, batch.preds, verbose=0)
+
+def _bleu(batch: Batch) -> Scores:
+    corpus, per_image = _pycocoevalcap("bleu.bleu").Bleu(4).compute_score(batch.refs, batch.preds, verbose=0)
     names = METRIC_SCORES["BLEU"]
     return dict(zip(names, corpus)), dict(zip(names, per_image))
 
 
 def _meteor(batch: Batch) -> Scores:
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    scorer = Meteor()
+    scorer = _pycocoevalcap("meteor.meteor").Meteor()
     try:
         corpus, per_image = scorer.compute_score(batch.refs, batch.preds)
     except (ValueError, OSError) as error:  # the Java process died: its replies are empty
@@ -265,16 +267,12 @@ def _meteor(batch: Batch) -> Scores:
 
 
 def _rouge(batch: Batch) -> Scores:
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    corpus, per_image = Rouge().compute_score(batch.refs, batch.preds)
+    corpus, per_image = _pycocoevalcap("rouge.rouge").Rouge().compute_score(batch.refs, batch.preds)
     return {"ROUGE-L": corpus}, {"ROUGE-L": list(per_image)}
 
 
 def _cider(batch: Batch) -> Scores:
-    from pycocoevalcap.cider.cider import Cider
-
-    corpus, per_image = Cider().compute_score(batch.refs, batch.preds)
+    corpus, per_image = _pycocoevalcap("cider.cider").Cider().compute_score(batch.refs, batch.preds)
     return {"CIDEr": corpus}, {"CIDEr": list(per_image)}
 
 
@@ -283,8 +281,7 @@ def spice_unavailable_reason() -> str | None:
 
     pycocoevalcap's Spice() downloads the jars on first use; that is never attempted here.
     """
-    import pycocoevalcap.spice.spice as spice
-
+    spice = _pycocoevalcap("spice.spice")
     lib = Path(spice.__file__).parent / "lib"
     missing = [jar for jar in SPICE_JARS if not (lib / jar).is_file()]
     if missing:
@@ -298,10 +295,8 @@ def _spice(batch: Batch) -> Scores:
     reason = spice_unavailable_reason()
     if reason:
         raise MetricUnavailable(reason)
-    from pycocoevalcap.spice.spice import Spice
-
     try:
-        corpus, per_image = Spice().compute_score(batch.refs, batch.preds)
+        corpus, per_image = _pycocoevalcap("spice.spice").Spice().compute_score(batch.refs, batch.preds)
     except subprocess.CalledProcessError as error:
         raise MetricUnavailable(f"SPICE's Java process failed with exit code {error.returncode} (its messages "
                                 "are above); SPICE 1.0 is known to need Java 8 or 11") from None
@@ -364,8 +359,7 @@ def _clean(texts: dict[ImageId, list[str]], what: str, warnings: list[str]) -> d
 
 def _tokenize(refs: dict[ImageId, list[str]], preds: dict[ImageId, list[str]]) -> tuple[dict, dict]:
     """PTB-tokenise references and predictions in one Java run, checking every caption came back."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
+    PTBTokenizer = _pycocoevalcap("tokenizer.ptbtokenizer").PTBTokenizer
     inputs = {("ref", i): [{"caption": c} for c in caps] for i, caps in refs.items()}
     inputs.update({("pred", i): [{"caption": c} for c in caps] for i, caps in preds.items()})
     try:
@@ -413,6 +407,8 @@ def evaluate(references: str | os.PathLike | dict | References, predictions: str
     `domain`, and "per_image": [{"image_id", "caption", name: value, ...}] when `per_image` is set.
     """
     metrics = _resolve_metrics(metrics)
+    if any(name in PTB_METRICS for name in metrics):
+        _pycocoevalcap("tokenizer.ptbtokenizer")  # a missing extra fails before any work
     refs = load_references(references, split)
     preds = load_predictions(predictions)
     unknown = [i for i in preds if i not in refs.captions]

@@ -29,10 +29,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
-import av
 from PIL import Image
 
-from smallcap.errors import SmallCapError
+from smallcap.errors import MissingExtraError, SmallCapError, require_extra
 from smallcap.io import atomic_write_bytes
 
 DEFAULT_FRAMES = 4
@@ -53,6 +52,11 @@ class VideoFrame:
 
     image: Image.Image
     time: float
+
+
+def _av():
+    """PyAV, imported on first use so that captioning photos never needs it (the `video` extra installs it)."""
+    return require_extra("av", "video", "Reading video files")
 
 
 # --------------------------------------------------------------------------------------------- detection
@@ -77,6 +81,11 @@ def _sniff(header: bytes) -> str | None:
 
 def _probe_has_video(path: Path) -> bool:
     """Whether FFmpeg opens `path` as a video container with a real (not cover-art) video stream."""
+    try:
+        av = _av()
+    except MissingExtraError:
+        # Without FFmpeg a file we cannot sniff is a video only by its name; loading it then names the extra.
+        return path.suffix.lower() in VIDEO_EXTENSIONS
     try:
         with av.open(str(path)) as container:
             if not set(container.format.name.split(",")) & _VIDEO_DEMUXERS:
@@ -145,6 +154,7 @@ def read_frames(path: str | os.PathLike, n: int = DEFAULT_FRAMES, *, max_side: i
     if n < 1:
         raise SmallCapError(f"{path}: the number of frames must be at least 1, got {n}")
     path = Path(path)
+    av = _av()
     try:
         frames = None
         with _open_video(path) as container:
@@ -167,7 +177,7 @@ def read_frames(path: str | os.PathLike, n: int = DEFAULT_FRAMES, *, max_side: i
     return frames
 
 
-def _reason(error: av.FFmpegError) -> str:
+def _reason(error: Exception) -> str:
     return getattr(error, "strerror", None) or str(error)
 
 
@@ -176,6 +186,7 @@ def _open_video(path: Path):
         raise SmallCapError(f"{path}: no such video file")
     if path.stat().st_size == 0:
         raise SmallCapError(f"{path}: the file is empty (0 bytes)")
+    av = _av()
     try:
         return av.open(str(path))
     except (av.FFmpegError, OSError) as error:
@@ -184,6 +195,7 @@ def _open_video(path: Path):
 
 
 def _video_stream(container, path: Path, max_pixels: int):
+    av = _av()
     streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not streams:
         raise SmallCapError(f"{path}: has no video stream")
@@ -203,7 +215,7 @@ def _duration(container, stream) -> float | None:
     if stream.duration and stream.time_base:
         seconds = float(stream.duration * stream.time_base)
     elif container.duration:
-        seconds = container.duration / av.time_base
+        seconds = container.duration / _av().time_base
     else:
         return None
     return seconds if seconds > 0 else None

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from smallcap import __version__
 from smallcap.errors import SmallCapError
 
 COMMANDS = [
@@ -28,6 +29,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Build the top-level parser: with `command`, only that subcommand's module is imported (fast start-up);
     otherwise every registered subcommand (for the overview help)."""
     parser = argparse.ArgumentParser(prog="smallcap", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"smallcap {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = [n for n in COMMANDS if n.rsplit(".", 1)[-1] == command] or COMMANDS
     for name in names:
@@ -47,7 +49,11 @@ def _quiet_library_output() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    try:
+        args = build_parser(argv[0] if argv else None).parse_args(argv)
+    except SmallCapError as error:  # a subcommand module could not be imported (e.g. a missing extra)
+        print(f"smallcap: error: {error}", file=sys.stderr)
+        return 2
     _quiet_library_output()
     try:
         return int(args.func(args) or 0)
