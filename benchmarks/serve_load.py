@@ -113,19 +113,20 @@ def load(url: str, paths: list[Path], clients: int, requests_each: int) -> dict:
 
 
 def offline(model: str, paths: list[Path], batch_sizes: list[int], single_calls: int) -> dict:
-    """The offline Captioner on the same files: single-image call latency and batched throughput."""
+    """The offline Captioner on the same files: single-image call latency and throughput per batch size
+    (one call over `batch_size` images, or `single_calls` single-image calls for batch 1)."""
     from smallcap.captioner import Captioner
 
     captioner = Captioner.from_pretrained(model, datastores=[DATASTORE])
-    captioner(paths[:2], batch_size=2)  # warm-up
+    captioner(paths[:1], batch_size=1)  # warm-up
     singles = []
     for path in (paths * single_calls)[:single_calls]:
         start = time.perf_counter()
         captioner([path], batch_size=1)
         singles.append(time.perf_counter() - start)
-    throughput = {}
-    for batch_size in batch_sizes:
-        images = (paths * ((batch_size * 2) // len(paths) + 1))[:max(batch_size * 2, 4)]
+    throughput = {1: round(len(singles) / sum(singles), 3)}
+    for batch_size in (b for b in batch_sizes if b > 1):
+        images = (paths * (batch_size // len(paths) + 1))[:batch_size]
         start = time.perf_counter()
         captioner(images, batch_size=batch_size)
         throughput[batch_size] = round(len(images) / (time.perf_counter() - start), 3)
@@ -135,6 +136,7 @@ def offline(model: str, paths: list[Path], batch_sizes: list[int], single_calls:
 
 def run_model(name: str, model: str, args) -> dict:
     paths = sorted((SHARED / "data/coco-mini/val2017").glob("*.jpg"))[:args.images]
+    load_before = [round(x, 2) for x in os.getloadavg()]
     server, url = start_server(model, args.threads, max(args.clients))
     try:
         httpx.post(url + "/v1/captions", files={"files": (paths[0].name, paths[0].read_bytes(), "image/jpeg")},
@@ -153,16 +155,17 @@ def run_model(name: str, model: str, args) -> dict:
         row["throughput_ratio_vs_offline_batch"] = round(
             row["images_per_second"] / row["offline_batch_images_per_second"], 3)
         row["p50_ratio_vs_single_call"] = round(row["p50_ms"] / direct["single_call_p50_ms"], 3)
-    return {"model": name, "served": served, "offline": direct}
+    return {"model": name, "served": served, "offline": direct, "load_average_before": load_before,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mini"], choices=["mini", "real-size"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=4, help="single-image requests per client")
+    parser.add_argument("--requests", type=int, default=2, help="single-image requests per client")
     parser.add_argument("--images", type=int, default=16, help="distinct COCO images cycled through")
-    parser.add_argument("--single-calls", type=int, default=8, help="direct single-image calls timed offline")
+    parser.add_argument("--single-calls", type=int, default=4, help="direct single-image calls timed offline")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, server and offline alike")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve_load.json")
     args = parser.parse_args()
@@ -176,13 +179,19 @@ def main() -> None:
         for name in args.models:
             model = "mini" if name == "mini" else real_size_checkpoint(Path(tmp) / "real-size")
             rows.append(run_model(name, model, args))
+            write(args, rows)
+
+
+def write(args, rows: list[dict]) -> None:
+    """Write the results so far (each model's block is complete in itself)."""
+    import torch
+
     result = {
         "benchmark": "serve_load",
         "setup": {"datastore": DATASTORE, "num_beams": 3, "max_new_tokens": 25, "requests_per_client":
                   args.requests, "images": args.images, "threads": args.threads, "server": "smallcap serve, "
                   "--max-wait-ms 10, --max-batch = largest client count", "torch": torch.__version__,
-                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                  "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
