@@ -38,8 +38,7 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def local_captions() -> dict[str, str]:
+def single_process_captions() -> dict[str, str]:
     """Captions of every coco-mini val image by the single-process `predict` (file name -> caption)."""
     import torch
 
@@ -53,6 +52,12 @@ def local_captions() -> dict[str, str]:
     captions = {row["image_id"]: row["caption"] for row in json.loads(out.read_text())}
     out.unlink()
     return captions
+
+
+@pytest.fixture(scope="module")
+def local_captions() -> dict[str, str]:
+    """`single_process_captions()`, computed once for the module."""
+    return single_process_captions()
 
 
 def write_webdataset(path: Path, images: list[Path]) -> None:
@@ -133,16 +138,18 @@ def test_ray_predict_matches_local_and_resumes(cluster, local_captions, tmp_path
         predict_on_ray(shards, out, {**OPTIONS, "k": 2}, progress=False)
 
 
-def _caption_worker_pids() -> list[int]:
-    """Processes of Ray Data captioning actors on this machine (their title names the actor class)."""
+def caption_worker_pids(parent: int | None = None) -> list[int]:
+    """Processes of Ray Data captioning actors on this machine (their title names the actor class), optionally
+    only the children of `parent` (a node's raylet)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 command = (entry / "cmdline").read_bytes()
-            except OSError:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if command.startswith(b"ray::") and b"CaptionWorker" in command:
+            if command.startswith(b"ray::") and b"CaptionWorker" in command and parent in (None, ppid):
                 pids.append(int(entry.name))
     return pids
 
@@ -167,14 +174,14 @@ def test_killed_captioning_actor_is_redone_exactly_once(cluster, local_captions,
     killed, done_at_kill, deadline = None, 0, time.monotonic() + 240
     while thread.is_alive() and killed is None and time.monotonic() < deadline:
         done = len(list(shard_dir.glob("*.jsonl"))) if shard_dir.is_dir() else 0
-        pids = _caption_worker_pids()
+        pids = caption_worker_pids()
         if done >= 1 and pids:
             killed, done_at_kill = pids[0], done
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
     restarted = set()
     while thread.is_alive() and time.monotonic() < deadline:
-        restarted.update(_caption_worker_pids())
+        restarted.update(caption_worker_pids())
         time.sleep(0.2)
     thread.join(timeout=max(1.0, deadline - time.monotonic()))
     assert "error" not in outcome, outcome.get("error")
