@@ -234,3 +234,35 @@ def test_ray_datastore_build_matches_single_process(cluster, tmp_path):
     assert np.array_equal(vectors[0].reconstruct_n(0, vectors[0].ntotal), vectors[1].reconstruct_n(0, vectors[1].ntotal))
     queries = vectors[1].reconstruct_n(0, 50) + np.random.default_rng(0).normal(0, 0.05, (50, vectors[1].d)).astype(np.float32)
     assert distributed.search(queries, 8).captions == local.search(queries, 8).captions
+
+
+@pytest.mark.slow
+def test_cli_predict_engine_ray_on_coco_annotations(cluster, local_captions, tmp_path, capsys):
+    """`smallcap predict ANNOTATIONS --images-dir DIR --engine ray` writes the file local `predict` writes."""
+    from smallcap.cli import main
+
+    coco = json.loads((COCO_MINI / "annotations" / "captions_val2017.json").read_text())
+    images = sorted(coco["images"], key=lambda image: image["file_name"])[:7]
+    ids = {image["id"] for image in images}
+    annotations = tmp_path / "captions.json"
+    annotations.write_text(json.dumps({"images": images,
+                                       "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}))
+    common = [str(annotations), "--images-dir", str(VAL), "--model", "mini", "--datastore", "mini-source",
+              "--batch-size", "4"]
+    assert main(["predict", *common, "--out", str(tmp_path / "ray.json"), "--engine", "ray", "--shard-size", "4",
+                 "--output-dir", str(tmp_path / "parts")]) == 0
+    assert "2 shards captioned, 0 already done, 7 images, 0 failed" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "parts" / "shards").iterdir()) == ["part-00000.jsonl",
+                                                                                       "part-00001.jsonl"]
+    assert main(["predict", *common, "--out", str(tmp_path / "local.json")]) == 0
+    rows = json.loads((tmp_path / "ray.json").read_text())
+    assert rows == json.loads((tmp_path / "local.json").read_text())
+    names = {image["id"]: image["file_name"] for image in images}
+    assert [row["caption"] for row in rows] == [local_captions[names[row["image_id"]]] for row in rows]
+
+    assert main(["predict", str(annotations), str(VAL), "--out", str(tmp_path / "x.json")]) == 2
+    assert "several inputs need --engine ray" in capsys.readouterr().err
+    (tmp_path / "retrieved.json").write_text("{}")
+    assert main(["predict", str(VAL), "--model", "mini", "--retrieved", str(tmp_path / "retrieved.json"),
+                 "--engine", "ray", "--out", str(tmp_path / "x.json")]) == 2
+    assert "not supported with --engine ray" in capsys.readouterr().err

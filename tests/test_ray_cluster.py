@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,8 +26,7 @@ ray = pytest.importorskip("ray", reason="the Ray tests need the optional extra s
 
 from test_ray import IMAGES, OPTIONS, VAL, caption_worker_pids, single_process_captions  # noqa: E402
 
-from smallcap.scale.predict import predict_on_ray, read_output_shard  # noqa: E402
-from smallcap.scale.sources import plan_shards  # noqa: E402
+from smallcap.scale.predict import read_output_shard  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -101,7 +99,7 @@ def two_nodes():
         started |= node2
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
         assert len([node for node in ray.nodes() if node["Alive"]]) == 2
-        yield {"node2": node2 | {raylet}, "raylet": raylet}
+        yield {"node2": node2 | {raylet}, "raylet": raylet, "address": f"127.0.0.1:{port}"}
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -115,34 +113,32 @@ def two_nodes():
 
 @pytest.mark.slow
 def test_worker_node_killed_mid_job(two_nodes, tmp_path):
-    """Two captioning actors spread over the two nodes; once shards are written, the worker node (its raylet
-    and every process under it) is SIGKILLed. The job finishes on the head node with the captions of the
-    uninterrupted single-process run, every image once."""
+    """`smallcap predict --engine ray --address HOST:PORT --num-workers 2`, run as a user runs it: one captioning
+    actor per node; once shards are written, the worker node (its raylet and every process under it) is
+    SIGKILLed. The job finishes on the head node with the captions of the uninterrupted single-process run,
+    every image once."""
     expected = single_process_captions()
-    shards = plan_shards([str(VAL)], shard_size=6)
     out = tmp_path / "preds.json"
     shard_dir = tmp_path / "preds.json.shards" / "shards"
-    outcome: dict = {}
-
-    def job():
-        try:
-            outcome["report"] = predict_on_ray(shards, out, OPTIONS, num_workers=2, batch_size=3, progress=False)
-        except BaseException as error:  # surfaced by the assertion below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=job)
-    thread.start()
-    killed_at, deadline = None, time.monotonic() + 360
-    while thread.is_alive() and killed_at is None and time.monotonic() < deadline:
-        done = len(list(shard_dir.glob("*.jsonl"))) if shard_dir.is_dir() else 0
-        if done >= 1 and caption_worker_pids(parent=two_nodes["raylet"]):
-            killed_at = done
-            _kill(_with_children(two_nodes["node2"]))
-        time.sleep(0.2)
-    thread.join(timeout=max(1.0, deadline - time.monotonic()))
-    assert not thread.is_alive(), "the job did not finish after the worker node was killed"
-    assert "error" not in outcome, outcome.get("error")
-    assert killed_at is not None and killed_at < len(shards), "no captioning actor ran on the worker node mid-job"
+    command = [sys.executable, "-m", "smallcap", "predict", str(VAL), "--model", OPTIONS["model"],
+               "--datastore", *OPTIONS["datastores"], "--engine", "ray", "--address", two_nodes["address"],
+               "--num-workers", "2", "--shard-size", "6", "--batch-size", "3", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        killed_at, deadline = None, time.monotonic() + 360
+        while job.poll() is None and killed_at is None and time.monotonic() < deadline:
+            done = len(list(shard_dir.glob("*.jsonl"))) if shard_dir.is_dir() else 0
+            if done >= 1 and caption_worker_pids(parent=two_nodes["raylet"]):
+                killed_at = done
+                _kill(_with_children(two_nodes["node2"]))
+            time.sleep(0.2)
+        _, stderr = job.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, stderr[-3000:]
+    assert killed_at is not None and killed_at < 14, "no captioning actor ran on the worker node mid-job"
     assert len([node for node in ray.nodes() if node["Alive"]]) == 1
     rows = json.loads(out.read_text())
     assert [row["image_id"] for row in rows] == [int(p.stem) for p in IMAGES]
