@@ -38,8 +38,7 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def local_captions() -> dict[str, str]:
+def single_process_captions() -> dict[str, str]:
     """Captions of every coco-mini val image by the single-process `predict` (file name -> caption)."""
     import torch
 
@@ -53,6 +52,12 @@ def local_captions() -> dict[str, str]:
     captions = {row["image_id"]: row["caption"] for row in json.loads(out.read_text())}
     out.unlink()
     return captions
+
+
+@pytest.fixture(scope="module")
+def local_captions() -> dict[str, str]:
+    """`single_process_captions()`, computed once for the module."""
+    return single_process_captions()
 
 
 def write_webdataset(path: Path, images: list[Path]) -> None:
@@ -133,16 +138,18 @@ def test_ray_predict_matches_local_and_resumes(cluster, local_captions, tmp_path
         predict_on_ray(shards, out, {**OPTIONS, "k": 2}, progress=False)
 
 
-def _caption_worker_pids() -> list[int]:
-    """Processes of Ray Data captioning actors on this machine (their title names the actor class)."""
+def caption_worker_pids(parent: int | None = None) -> list[int]:
+    """Processes of Ray Data captioning actors on this machine (their title names the actor class), optionally
+    only the children of `parent` (a node's raylet)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 command = (entry / "cmdline").read_bytes()
-            except OSError:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if command.startswith(b"ray::") and b"CaptionWorker" in command:
+            if command.startswith(b"ray::") and b"CaptionWorker" in command and parent in (None, ppid):
                 pids.append(int(entry.name))
     return pids
 
@@ -167,14 +174,14 @@ def test_killed_captioning_actor_is_redone_exactly_once(cluster, local_captions,
     killed, done_at_kill, deadline = None, 0, time.monotonic() + 240
     while thread.is_alive() and killed is None and time.monotonic() < deadline:
         done = len(list(shard_dir.glob("*.jsonl"))) if shard_dir.is_dir() else 0
-        pids = _caption_worker_pids()
+        pids = caption_worker_pids()
         if done >= 1 and pids:
             killed, done_at_kill = pids[0], done
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
     restarted = set()
     while thread.is_alive() and time.monotonic() < deadline:
-        restarted.update(_caption_worker_pids())
+        restarted.update(caption_worker_pids())
         time.sleep(0.2)
     thread.join(timeout=max(1.0, deadline - time.monotonic()))
     assert "error" not in outcome, outcome.get("error")
@@ -227,3 +234,35 @@ def test_ray_datastore_build_matches_single_process(cluster, tmp_path):
     assert np.array_equal(vectors[0].reconstruct_n(0, vectors[0].ntotal), vectors[1].reconstruct_n(0, vectors[1].ntotal))
     queries = vectors[1].reconstruct_n(0, 50) + np.random.default_rng(0).normal(0, 0.05, (50, vectors[1].d)).astype(np.float32)
     assert distributed.search(queries, 8).captions == local.search(queries, 8).captions
+
+
+@pytest.mark.slow
+def test_cli_predict_engine_ray_on_coco_annotations(cluster, local_captions, tmp_path, capsys):
+    """`smallcap predict ANNOTATIONS --images-dir DIR --engine ray` writes the file local `predict` writes."""
+    from smallcap.cli import main
+
+    coco = json.loads((COCO_MINI / "annotations" / "captions_val2017.json").read_text())
+    images = sorted(coco["images"], key=lambda image: image["file_name"])[:7]
+    ids = {image["id"] for image in images}
+    annotations = tmp_path / "captions.json"
+    annotations.write_text(json.dumps({"images": images,
+                                       "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}))
+    common = [str(annotations), "--images-dir", str(VAL), "--model", "mini", "--datastore", "mini-source",
+              "--batch-size", "4"]
+    assert main(["predict", *common, "--out", str(tmp_path / "ray.json"), "--engine", "ray", "--shard-size", "4",
+                 "--output-dir", str(tmp_path / "parts")]) == 0
+    assert "2 shards captioned, 0 already done, 7 images, 0 failed" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "parts" / "shards").iterdir()) == ["part-00000.jsonl",
+                                                                                       "part-00001.jsonl"]
+    assert main(["predict", *common, "--out", str(tmp_path / "local.json")]) == 0
+    rows = json.loads((tmp_path / "ray.json").read_text())
+    assert rows == json.loads((tmp_path / "local.json").read_text())
+    names = {image["id"]: image["file_name"] for image in images}
+    assert [row["caption"] for row in rows] == [local_captions[names[row["image_id"]]] for row in rows]
+
+    assert main(["predict", str(annotations), str(VAL), "--out", str(tmp_path / "x.json")]) == 2
+    assert "several inputs need --engine ray" in capsys.readouterr().err
+    (tmp_path / "retrieved.json").write_text("{}")
+    assert main(["predict", str(VAL), "--model", "mini", "--retrieved", str(tmp_path / "retrieved.json"),
+                 "--engine", "ray", "--out", str(tmp_path / "x.json")]) == 2
+    assert "not supported with --engine ray" in capsys.readouterr().err

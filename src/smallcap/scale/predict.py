@@ -228,7 +228,9 @@ def _run(todo: Sequence[InputShard], output_dir: Path, captioner_options: dict, 
                             num_cpus=0.5)
                .map_batches(CaptionWorker, fn_constructor_kwargs={"options": captioner_options},
                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_workers),
-                            num_cpus=1, num_gpus=gpus_per_worker or None))
+                            num_cpus=1, num_gpus=gpus_per_worker or None,
+                            # one captioner per node before two on one: more nodes' memory and GPUs in use
+                            scheduling_strategy="SPREAD"))
     expected: dict[str, int] = {}
     rows: dict[str, dict[int, dict]] = {shard.name: {} for shard in todo}
     written = 0
