@@ -146,6 +146,8 @@ def test_overwrite_replaces_a_datastore_only_when_the_new_one_is_complete(tmp_pa
     (["datastore", "search", "mini-source", "--text", "a dog", "-k", "0"], "-k"),
     (["datastore", "build", CAPTION_FILE, "--out", "x", "--batch-size", "0"], "--batch-size"),
     (["datastore", "retrieve", "mini-source", "--data", VAL, "--out", "x.json", "--keep", "0"], "--keep"),
+    (["features", "extract", CAPTION_FILE, "--model", "mini", "--out", "f", "--batch-size", "0"], "--batch-size"),
+    (["train", CAPTION_FILE, "--output-dir", "t", "--epochs", "0"], "--epochs"),
 ])
 def test_bad_option_values_are_usage_errors(args, option, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -312,6 +314,7 @@ def _cli_without_network(*args, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow  # two fresh interpreters that import torch
 def test_unreachable_hub_fails_fast_naming_the_way_out(tmp_path):
     started = time.monotonic()
     result = _cli_without_network("datastore", "build", CAPTION_FILE, "--out", "store", "--encoder", "mini-clip",
