@@ -220,4 +220,5 @@ class Captioner:
         captions = self.caption_encoded(states, retrieved)
         for index, (result, caption) in enumerate(zip(results, captions)):
             result.caption = caption
-            result.retrieved = [] if retrieved is None else list(retrieved[index][:self._fitting_prompt(retrieved[index])[1]])
+            if retrieved is not None:  # the captions the prompt actually held
+                result.retrieved = list(retrieved[index][:self._fitting_prompt(retrieved[index])[1]])

@@ -193,7 +193,7 @@ def _open_video(path: Path):
     av = _av()
     try:
         return av.open(str(path))
-    except (av.FFmpegError, OSError) as error:
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as error:  # garbled metadata fails to decode as text
         raise SmallCapError(f"{path}: not a readable video, corrupt or not a video container "
                             f"({_reason(error)})") from error
 
@@ -202,7 +202,7 @@ def _video_stream(container, path: Path, max_pixels: int):
     av = _av()
     streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not streams:
-        raise SmallCapError(f"{path}: has no video stream")
+        raise SmallCapError(f"{path}: has no video stream (or its stream headers are damaged)")
     stream = streams[0]
     if stream.codec_context is None:
         raise SmallCapError(f"{path}: its video stream cannot be decoded: the file is damaged or its codec is not "
