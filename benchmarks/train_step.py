@@ -7,6 +7,10 @@ memory is its own: on CPU the peak resident set size (and what the step adds to 
 batch already in memory), on CUDA `torch.cuda.max_memory_allocated`.
 
     python benchmarks/train_step.py [--batch-sizes 8 32 64] [--precisions fp32 bf16] [--steps 1] [--device cuda]
+                                    [--losses label-positions full]
+
+`--losses` compares smallcap's loss (LM head at the label positions only) with the stock forward's (logits at
+every position), each configuration run for both, one after the other, in the same invocation.
 
 Writes benchmarks/results/train_step.json.
 """
@@ -54,7 +58,7 @@ def _cpu_name() -> str:
         return platform.processor() or "cpu"
 
 
-def measure(batch_size: int, precision: str, steps: int, device: str) -> dict:
+def measure(batch_size: int, precision: str, steps: int, device: str, loss_kind: str) -> dict:
     """Warm up with a batch of 2, then time `steps` steps; returns seconds per step and peak memory."""
     import torch
     from accelerate import Accelerator
@@ -76,8 +80,14 @@ def measure(batch_size: int, precision: str, steps: int, device: str) -> dict:
                  "decoder_input_ids": torch.randint(0, 50257, (size, SEQUENCE_LENGTH)), "labels": labels}
         return {key: value.to(accelerator.device) for key, value in batch.items()}
 
+    def full_loss(batch):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return model(encoder_outputs=BaseModelOutput(last_hidden_state=batch["encoder_hidden_states"]),
+                     decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"]).loss
+
     def step(batch):
-        loss = training_loss(model, batch)
+        loss = training_loss(model, batch) if loss_kind == "label-positions" else full_loss(batch)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -98,7 +108,7 @@ def measure(batch_size: int, precision: str, steps: int, device: str) -> dict:
     seconds = (time.perf_counter() - start) / steps
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"batch_size": batch_size, "precision": precision, "seconds_per_step": round(seconds, 3),
+    return {"batch_size": batch_size, "precision": precision, "loss": loss_kind, "seconds_per_step": round(seconds, 3),
             "samples_per_second": round(batch_size / seconds, 2), "peak_memory_mb": round(peak),
             "before_step_mb": round(baseline), "step_adds_mb": round(peak - baseline),
             "trainable_parameters": sum(p.numel() for p in trainable)}
@@ -110,11 +120,12 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=1, help="timed steps after a small warm-up step")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--one", nargs=2, metavar=("BATCH", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--losses", nargs="+", default=["label-positions", "full"], choices=["label-positions", "full"])
+    parser.add_argument("--one", nargs=3, metavar=("BATCH", "PRECISION", "LOSS"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(int(args.one[0]), args.one[1], args.steps, args.device)))
+        print(json.dumps(measure(int(args.one[0]), args.one[1], args.steps, args.device, args.one[2])))
         return
 
     import torch
@@ -122,12 +133,13 @@ def main() -> None:
     rows = []
     for precision in args.precisions:
         for batch_size in args.batch_sizes:
-            done = subprocess.run([sys.executable, __file__, "--one", str(batch_size), precision, "--steps",
-                                   str(args.steps), "--device", args.device], capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"batch {batch_size} {precision} failed:\n{done.stderr[-2000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(rows[-1], file=sys.stderr)
+            for loss_kind in args.losses:
+                done = subprocess.run([sys.executable, __file__, "--one", str(batch_size), precision, loss_kind,
+                                       "--steps", str(args.steps), "--device", args.device], capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"batch {batch_size} {precision} {loss_kind} failed:\n{done.stderr[-2000:]}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(rows[-1], file=sys.stderr)
     device = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -95,6 +95,38 @@ def test_golden_batch_and_loss_equal_the_reference():
             assert abs(training_loss(model, one).item() - reference) < 1e-5
 
 
+def test_label_position_loss_equals_the_full_forward_loss_and_gradients():
+    """training_loss runs the LM head at label positions only: same loss and gradients as the stock forward."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from smallcap.modeling import load_smallcap
+
+    ids = sorted(json.loads((GOLDEN / "images.json").read_text()), key=int)
+    targets = json.loads((GOLDEN / "target_captions.json").read_text())
+    retrieved = json.loads((GOLDEN / "retrieved_caps.json").read_text())
+    states = np.load(GOLDEN / "expected" / "encoder_last_hidden_state.npy")
+    samples = [TrainingSample(image_id, targets[image_id]) for image_id in ids]
+    dataset = CaptionDataset(samples, dict(zip(ids, states)), load_tokenizer(str(GOLDEN)), retrieved, k=4)
+    batch = collate_batch([dataset[i] for i in range(len(ids))])
+    model = load_smallcap(GOLDEN).eval()
+    model.freeze_for_training()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    full = model(encoder_outputs=BaseModelOutput(last_hidden_state=batch["encoder_hidden_states"]),
+                 decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"]).loss
+    full_grads = torch.autograd.grad(full, trainable)
+    sparse = training_loss(model, batch)
+    sparse_grads = torch.autograd.grad(sparse, trainable)
+    assert abs(sparse.item() - full.item()) < 1e-6
+    for a, b in zip(sparse_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+    # Token weighting: the summed loss over a given token count (what each of N processes contributes).
+    tokens = (batch["labels"] != -100).sum()
+    with torch.no_grad():
+        assert training_loss(model, batch, tokens * 2).item() == pytest.approx(full.item() / 2, abs=1e-6)
+
+
 def test_training_lowers_the_loss_and_changes_only_the_cross_attention(run, coco, tiny_smallcap_parts):
     from smallcap.features import FeatureCache
     from smallcap.modeling import load_smallcap

@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from smallcap.decoders import FAMILIES
 from smallcap.hub import explain_load_errors, local_snapshot, looks_like_path, resolve_pretrained
 from smallcap.modeling import SmallCap, load_smallcap
 from smallcap.prompt import load_tokenizer
 
-# The base models of the published SmallCap checkpoints, for checkpoints that do not name theirs.
-DEFAULT_DECODER = "gpt2"
+# The base models of the published SmallCap checkpoints, for checkpoints that do not name theirs (the decoder's
+# tokenizer is its family's default, `smallcap.decoders.FAMILIES`).
+DEFAULT_DECODER = FAMILIES["this_gpt2"].default_tokenizer
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json",)
@@ -52,10 +54,11 @@ def load_captioner_parts(name_or_path: str | os.PathLike, *, tokenizer: str | No
     """
     directory = local_snapshot(str(name_or_path))
     model = load_smallcap(directory, **model_kwargs)
+    decoder_type = model.config.decoder.model_type
     if tokenizer is None:
         tokenizer = directory if _has_any(directory, TOKENIZER_FILES) else base_model_name(
-            model.config.decoder, DEFAULT_DECODER)
+            model.config.decoder, FAMILIES[decoder_type].default_tokenizer)
     if image_processor is None:
         image_processor = directory if _has_any(directory, IMAGE_PROCESSOR_FILES) else base_model_name(
             model.config.encoder, DEFAULT_ENCODER)
-    return model, load_tokenizer(str(tokenizer)), load_image_processor(image_processor)
+    return model, load_tokenizer(str(tokenizer), decoder_type), load_image_processor(image_processor)
