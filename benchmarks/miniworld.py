@@ -1,5 +1,5 @@
 """The miniworld experiment end to end: does retrieval help, and does swapping the datastore transfer SmallCap to a
-domain it was never trained on? (`smallcap.miniworld.experiment` describes the pipeline and conditions.)
+domain it was never trained on? (`benchmarks/miniworld_experiment.py` describes the pipeline and conditions.)
 
     python benchmarks/miniworld.py [--seed 0] [--preset default] [--work DIR] [--keep-work]
     python benchmarks/miniworld.py --preset small --seeds 0 1 2 3 4 --out benchmarks/results/miniworld_seeds.json
@@ -34,7 +34,7 @@ def run_seeds(args: argparse.Namespace) -> list[dict]:
     """One complete experiment per seed, each in its own working directory."""
     from transformers.utils import logging as transformers_logging
 
-    from smallcap.miniworld.experiment import TRAINING_PRESETS, ExperimentConfig, run_experiment
+    from miniworld_experiment import TRAINING_PRESETS, ExperimentConfig, run_experiment
 
     transformers_logging.set_verbosity_error()
     work = args.work or Path(tempfile.mkdtemp(prefix="miniworld-"))
@@ -67,7 +67,7 @@ def spread(runs: list[dict]) -> dict[str, dict[str, float]]:
 
 def report(runs: list[dict]) -> tuple[dict, str]:
     """The JSON results and their markdown: one run's table, or every seed's effects and their spread."""
-    from smallcap.miniworld.experiment import markdown_table
+    from miniworld_experiment import markdown_table
 
     machine = runs[-1]["environment"]
     where = f"{machine['cpu']}, {machine['cores']} cores, load average {machine['load_average_1m_at_end']} at the end"
@@ -88,7 +88,7 @@ def report(runs: list[dict]) -> tuple[dict, str]:
 
 def main(argv: list[str] | None = None) -> int:
     from smallcap.io import atomic_write_json, atomic_write_text
-    from smallcap.miniworld.experiment import TRAINING_PRESETS
+    from miniworld_experiment import TRAINING_PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)

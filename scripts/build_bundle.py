@@ -2,7 +2,7 @@
 
     python scripts/build_bundle.py [--seed 0] [--work DIR] [--preset small]
 
-Runs the miniworld experiment's pipeline (smallcap.miniworld.experiment: world, datastores, `smallcap train`
+Runs the miniworld experiment's pipeline (benchmarks/miniworld_experiment.py: world, datastores, `smallcap train`
 with retrieval on the source domain) and assembles:
 
     smallcap/             the mini SmallCap trained with retrieval (`--model mini`), with its tokenizer and image
@@ -39,8 +39,10 @@ def build_bundle(work: Path, seed: int, preset: str = "small") -> Path:
     """Train (or reuse) the pipeline's models under `work` and write the bundle directory; returns it."""
     from smallcap.hub import BUNDLE_DIR, BUNDLED_DATASTORES, BUNDLED_MODELS
     from smallcap.io import atomic_write_json
-    from smallcap.miniworld.experiment import (ExperimentConfig, build_datastores, build_world_dir, cli,
-                                               karpathy_file, train_models)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the experiment harness
+    from miniworld_experiment import (ExperimentConfig, build_datastores, build_world_dir, cli, karpathy_file,
+                                      train_models)
 
     config = ExperimentConfig(seed=seed, preset=preset)
     world_dir = work / "world"

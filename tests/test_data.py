@@ -198,3 +198,65 @@ def test_read_several_files_in_order(tmp_path):
     two.write_text("second\n")
     records = read_caption_files([one, two])
     assert [(r.caption, r.source) for r in records] == [("first", str(one)), ("second", str(two))]
+
+
+# ------------------------------------------------------------------ every entry point reads the same files alike
+
+def _karpathy_from_coco(path, annotations):
+    """A Karpathy split file over real coco-mini val images (images in val2017/): raw sentences and their
+    lower-cased, punctuation-free tokens, the first three images in "train", the rest in "test"."""
+    data = json.loads(annotations.read_text())
+    captions: dict[int, list[str]] = {}
+    for annotation in data["annotations"]:
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    images = []
+    for position, image in enumerate(sorted(data["images"], key=lambda image: image["id"])[:6]):
+        sentences = [{"raw": raw, "tokens": "".join(c if c.isalnum() or c.isspace() else " " for c in raw.lower())
+                      .split()} for raw in captions[image["id"]]]
+        images.append({"filepath": "val2017", "filename": image["file_name"], "cocoid": image["id"],
+                       "split": "train" if position < 3 else "test", "sentences": sentences})
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return images
+
+
+def test_every_entry_point_reads_the_same_files_alike(tmp_path):
+    from smallcap.data import image_id_key
+    from smallcap.evaluation import load_references
+    from smallcap.data import dataset_images
+    from smallcap.training_data import read_training_samples
+
+    annotations = COCO_MINI / "annotations" / "captions_val2017.json"
+    karpathy = tmp_path / "dataset_coco.json"
+    images = _karpathy_from_coco(karpathy, annotations)
+    by_id = {image_id_key(image["cocoid"]): image for image in images}
+    test_ids = [image_id_key(image["cocoid"]) for image in images if image["split"] == "test"]
+
+    # Image ids and files: the same under the one string rule, whichever module reads the file.
+    records = list(read_captions(karpathy))
+    training = read_training_samples(karpathy, images=COCO_MINI)
+    references = load_references(karpathy, split="test")
+    predicted = dataset_images(karpathy, "test", images_dir=COCO_MINI)
+    assert [image_id_key(i) for i, _ in predicted] == test_ids == [image_id_key(i) for i in references.captions]
+    assert {image_id_key(s.image_id) for s in training} == set(by_id) - set(test_ids)
+    assert {image_id_key(r.image_id) for r in records} == set(by_id)
+    for sample in training:
+        assert sample.image_path == COCO_MINI / "val2017" / by_id[sample.image_id]["filename"]
+    for image_id, path in predicted:
+        assert path == COCO_MINI / "val2017" / by_id[image_id_key(image_id)]["filename"]
+
+    # Text, per use: training targets are Karpathy's tokens joined by spaces (as the reference trains),
+    # evaluation scores against the raw references, the caption reader gives the raw text whitespace-cleaned.
+    for sample in training:
+        assert sample.caption in {" ".join(s["tokens"]) for s in by_id[sample.image_id]["sentences"]}
+    for image_id, refs in references.captions.items():
+        assert refs == [s["raw"] for s in by_id[image_id_key(image_id)]["sentences"]]
+    for record in records:
+        assert record.caption in {clean_caption(s["raw"]) for s in by_id[image_id_key(record.image_id)]["sentences"]}
+
+    # COCO annotations: ids agree the same way (training takes the whole file, named "val").
+    coco_ids = {image_id_key(r.image_id) for r in read_captions(annotations)}
+    assert {s.image_id for s in read_training_samples(annotations, COCO_MINI / "val2017", split="val")} == coco_ids
+    assert {image_id_key(i) for i in load_references(annotations).captions} >= coco_ids
+    assert {image_id_key(i) for i, _ in dataset_images(annotations, images_dir=COCO_MINI / "val2017")} == coco_ids
+    # A file stem with leading zeros is the COCO id it spells.
+    assert image_id_key("000000000139") == "139" == image_id_key(139)

@@ -29,6 +29,7 @@ def small_split(tmp_path_factory):
     return root, sorted(ids)
 
 
+@pytest.mark.slow
 def test_predict_then_evaluate_coco_format(small_split, tmp_path):
     root, ids = small_split
     preds = tmp_path / "preds.json"
@@ -66,6 +67,7 @@ def test_predict_karpathy_split_with_retrieved_and_resume(small_split, tmp_path)
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_predict_bad_inputs(small_split, tmp_path):
     root, _ = small_split
     cases = [

@@ -127,6 +127,7 @@ def test_label_position_loss_equals_the_full_forward_loss_and_gradients():
         assert training_loss(model, batch, tokens * 2).item() == pytest.approx(full.item() / 2, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_changes_only_the_cross_attention(run, coco, tiny_smallcap_parts):
     from smallcap.features import FeatureCache
     from smallcap.modeling import load_smallcap
@@ -156,6 +157,7 @@ def test_training_lowers_the_loss_and_changes_only_the_cross_attention(run, coco
     assert loss_after < loss_before - 0.02, (loss_before, loss_after)
 
 
+@pytest.mark.slow
 def test_checkpoint_is_a_complete_model_directory(run, tiny_smallcap_parts):
     from transformers import AutoImageProcessor
 
@@ -172,6 +174,7 @@ def test_checkpoint_is_a_complete_model_directory(run, tiny_smallcap_parts):
     assert state["global_step"] == 8 and state["num_processes"] == 1
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights(run, coco, tiny_smallcap_parts, tmp_path):
     output_dir, final = run
     resumed = train(_config(coco, tiny_smallcap_parts, tmp_path, save_every_steps=3,
@@ -182,6 +185,7 @@ def test_resumed_run_ends_with_the_same_weights(run, coco, tiny_smallcap_parts, 
     assert read_log(tmp_path) == read_log(output_dir)[3:]
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model(run, coco, tiny_smallcap_parts, tmp_path):
     from smallcap.modeling import load_smallcap
 
@@ -205,6 +209,7 @@ def test_two_processes_train_one_model(run, coco, tiny_smallcap_parts, tmp_path)
     assert torch.equal(trained["decoder.transformer.h.0.mlp.c_fc.weight"], initial["decoder.transformer.h.0.mlp.c_fc.weight"])
 
 
+@pytest.mark.slow
 def test_cli_trains_from_images_without_retrieval(coco, tiny_smallcap_parts, tmp_path):
     clip_dir, gpt2_dir = tiny_smallcap_parts
     result = run_cli("train", coco["data"], "--images", coco["images"], "--no-retrieval", "--encoder", clip_dir,
@@ -253,6 +258,7 @@ def _fails_before_training(config, match):
     assert sorted(Path(config.output_dir).glob("*")) == before  # nothing written
 
 
+@pytest.mark.slow
 def test_bad_inputs_stop_before_the_first_step(coco, tiny_smallcap_parts, tmp_path, run):
     data = json.loads(coco["data"].read_text())
 

@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import COCO_MINI
 from smallcap.errors import SmallCapError
 from smallcap.video import (
-    grid_shape, is_video, list_split_videos, load_video_as_image, read_frames, sample_indices, sample_timestamps,
+    grid_shape, is_video, load_video_as_image, read_frames, sample_indices, sample_timestamps,
     save_tile, tile_frames,
 )
 
@@ -408,36 +408,21 @@ def _msrvtt(tmp_path: Path, clips) -> tuple[Path, Path]:
     return annotations, video_dir
 
 
-def test_list_split_videos_maps_ids_to_files(clips, tmp_path):
+def test_msrvtt_split_videos_are_found_by_the_one_dataset_reader(clips, tmp_path):
+    # MSR-VTT annotations are read by smallcap.data like every caption file; predict finds each video's file.
+    from smallcap.data import dataset_images
+
     annotations, video_dir = _msrvtt(tmp_path, clips)
-    test = list_split_videos(annotations, video_dir, "test")
+    test = dataset_images(annotations, "test", images_dir=video_dir)
     assert test == [("video3", video_dir / "video3.avi"), ("video4", video_dir / "video4.mp4")]
-    assert list_split_videos(annotations, video_dir, "val") == [("video2", video_dir / "video2.webm")]
-    assert [v for v, _ in list_split_videos(annotations, video_dir)] == [f"video{i}" for i in range(5)]
-    # What `predict` will do with them: every listed file loads as a tile.
-    assert all(load_video_as_image(path).size == (448, 448) for _, path in test)
-
-    csv_list = tmp_path / "MSRVTT_JSFUSION_test.csv"
-    csv_list.write_text("key,vid_key,video_id,sentence\nret0,msr7,video4,a clip\nret1,msr3,video1,a clip\n")
-    assert list_split_videos(csv_list, video_dir) == [("video4", video_dir / "video4.mp4"),
-                                                      ("video1", video_dir / "video1.mp4")]
-
-
-def test_list_split_videos_reports_missing_files_and_bad_annotations(clips, tmp_path):
-    annotations, video_dir = _msrvtt(tmp_path, clips)
+    assert dataset_images(annotations, "validate", images_dir=video_dir) == [("video2", video_dir / "video2.webm")]
+    assert [v for v, _ in dataset_images(annotations, images_dir=video_dir)] == [f"video{i}" for i in range(5)]
+    assert all(load_video_as_image(path).size == (448, 448) for _, path in test)  # what predict will caption
     (video_dir / "video0.mp4").unlink()
-    with pytest.raises(SmallCapError, match=r"no video file for 1 of 2 videos .*video0\.mp4"):
-        list_split_videos(annotations, video_dir, "train")
-    with pytest.warns(UserWarning, match="skipping"):
-        assert [v for v, _ in list_split_videos(annotations, video_dir, "train", allow_missing=True)] == ["video1"]
-    with pytest.raises(SmallCapError, match=r"no videos in split 'dev' \(splits present: test, train, validate\)"):
-        list_split_videos(annotations, video_dir, "dev")
-    bad = tmp_path / "captions.json"
-    bad.write_text(json.dumps([{"image_id": 1, "caption": "x"}]))
-    with pytest.raises(SmallCapError, match="captions.json: expected MSR-VTT annotations"):
-        list_split_videos(bad, video_dir)
-    with pytest.raises(SmallCapError, match="video directory not found"):
-        list_split_videos(annotations, tmp_path / "nowhere")
+    with pytest.raises(SmallCapError, match=r"no file for image 'video0'"):
+        dataset_images(annotations, "train", images_dir=video_dir)
+    with pytest.raises(SmallCapError, match=r"no images in split 'dev'"):
+        dataset_images(annotations, "dev", images_dir=video_dir)
 
 
 # ------------------------------------------------------------------------------- captioning video inputs

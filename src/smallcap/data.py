@@ -17,17 +17,22 @@ Table-like formats (json objects, jsonl, csv, parquet) also pick up an image fil
 `IMAGE_COLUMNS` present (or `image_column`) and a split from a `split` column, so training code can read
 (image, caption, split) triples from them. Captions have their whitespace collapsed to single spaces
 (COCO has captions ending in newlines, which would break the prompt's "\\n\\n"-separated layout).
+
+Image ids follow one rule everywhere (`parse_image_id`, `image_id_key`), and `dataset_images` finds the image
+or video file of each id, for predict, training retrieval and the Ray jobs.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from smallcap.errors import SmallCapError
+from smallcap.images import expand_inputs, find_media
 
 FORMATS = ("text", "json", "coco", "karpathy", "msrvtt", "jsonl", "csv", "parquet")
 EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
@@ -48,6 +53,9 @@ EXPECTED = {
 }
 
 
+ImageId = int | str
+
+
 @dataclass(frozen=True)
 class CaptionRecord:
     """One caption with where it came from: the image (or video) it describes and the file it was read from.
@@ -62,6 +70,21 @@ class CaptionRecord:
     source: str
     image_file: str | None = None
     split: str | None = None
+
+
+def parse_image_id(value: Any, where: str = "image id") -> int | str:
+    """The one image-id rule: ints stay ints, a string of digits is the int it spells ("000000000139" -> 139,
+    so file stems match COCO ids), any other non-empty string is kept. `where` names the place in errors."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip():
+        return int(value) if value.strip().isdigit() else value
+    raise SmallCapError(f"{where}: image id {value!r} is not an int or a string")
+
+
+def image_id_key(value: Any) -> str:
+    """An image id as the string key of JSON tables ({image_id: [captions]}): `str(parse_image_id(value))`."""
+    return str(parse_image_id(value))
 
 
 def clean_caption(text: str) -> str:
@@ -308,3 +331,32 @@ def _read_msrvtt(path: Path, data: dict) -> Iterator[CaptionRecord]:
         _require(path, "msrvtt", sentence, ("video_id", "caption"), f"sentence {position}")
         video_id = sentence["video_id"]
         yield CaptionRecord(clean_caption(sentence["caption"]), video_id, str(path), None, splits.get(video_id))
+
+
+def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir: str | os.PathLike | None = None,
+                   format: str | None = None) -> list[tuple[ImageId, Path]]:
+    """The (image id, file) pairs to caption: a folder of images/videos (id = file stem, as an int when it is
+    digits), or the images of `split` in a caption file (Karpathy, COCO, JSONL/CSV with an image column,
+    MSR-VTT), found under `images_dir` (default: the file's folder)."""
+    data = Path(data)
+    if data.is_dir():
+        return [(parse_image_id(path.stem), path) for path in expand_inputs([data])]
+    if not data.exists():
+        raise SmallCapError(f"{data}: no such file or directory")
+    root = Path(images_dir) if images_dir is not None else data.parent
+    pairs: dict[ImageId, Path] = {}
+    for record in read_captions(data, format=format, splits=None if split is None else [split]):
+        if record.image_id in pairs or (split is not None and record.split not in (None, split)):
+            continue
+        path = root / record.image_file if record.image_file else find_media(root, record.image_id)
+        if path is None:
+            raise SmallCapError(f"{data}: no file for image {record.image_id!r} in {root} (tried "
+                                f"{record.image_id}.jpg, .png, .mp4, ...); pass --images-dir")
+        pairs[record.image_id] = path
+    if not pairs:
+        raise SmallCapError(f"{data}: no images{'' if split is None else f' in split {split!r}'}")
+    missing = [str(path) for path in pairs.values() if not path.is_file()]
+    if missing:
+        raise SmallCapError(f"{data}: {len(missing)} of {len(pairs)} image files not found, e.g. {missing[0]}; "
+                            "pass --images-dir with the folder that holds them")
+    return list(pairs.items())

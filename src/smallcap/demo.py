@@ -8,6 +8,7 @@ trained to produce come from the retrieved captions.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,6 @@ def sample_images() -> list[Path]:
 
 def sample_references() -> dict[str, str]:
     """A reference caption of each bundled sample image, by file name (from the bundle's `bundle.json`)."""
-    import json
 
     from smallcap.hub import BUNDLE_DIR
 

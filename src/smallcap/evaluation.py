@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
+from smallcap.data import parse_image_id
 from smallcap.errors import SmallCapError, require_extra
 
 ImageId = int | str
@@ -78,15 +79,6 @@ def _read_json(path: str | os.PathLike, what: str) -> Any:
                             f"column {error.colno}") from None
 
 
-def _image_id(value: Any, where: str) -> ImageId:
-    """Image ids are ints (COCO, nocaps) or strings; digit strings count as the int they spell."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip():
-        return int(value) if value.strip().isdigit() else value
-    raise SmallCapError(f"{where}: image id {value!r} is not an int or a string")
-
-
 def _describe(data: Any) -> str:
     if isinstance(data, dict):
         return "a JSON object with keys " + ", ".join(map(repr, list(data)[:8]))
@@ -125,7 +117,7 @@ def _read_coco(data: dict, name: str) -> References:
     for index, image in enumerate(data.get("images") or []):
         if not isinstance(image, dict) or "id" not in image:
             raise SmallCapError(f"{name}: images[{index}] has no \"id\"; expected {COCO_FORM}")
-        image_id = _image_id(image["id"], f"{name}: images[{index}]")
+        image_id = parse_image_id(image["id"], f"{name}: images[{index}]")
         captions[image_id] = []
         if image.get("domain"):
             domains[image_id] = str(image["domain"])
@@ -136,7 +128,7 @@ def _read_coco(data: dict, name: str) -> References:
             kind = " (object annotations, not captions?)" if isinstance(ann, dict) and "bbox" in ann else ""
             raise SmallCapError(f"{name}: annotations[{index}] is not {{\"image_id\", \"caption\": str}}{kind}; "
                                 f"expected {COCO_FORM}")
-        captions.setdefault(_image_id(ann["image_id"], f"{name}: annotations[{index}]"), []).append(ann["caption"])
+        captions.setdefault(parse_image_id(ann["image_id"], f"{name}: annotations[{index}]"), []).append(ann["caption"])
     return References(captions, domains, name, files)
 
 
@@ -152,7 +144,7 @@ def _read_karpathy(images: list, split: str | None, name: str) -> References:
             continue
         sentences = [s.get("raw") if isinstance(s.get("raw"), str) else " ".join(s.get("tokens", []))
                      for s in image["sentences"] if isinstance(s, dict)]
-        image_id = _image_id(raw_id, f"{name}: images[{index}]")
+        image_id = parse_image_id(raw_id, f"{name}: images[{index}]")
         captions[image_id] = sentences
         if isinstance(image.get("filename"), str):
             files[image_id] = str(Path(image.get("filepath") or "") / image["filename"])
@@ -171,12 +163,12 @@ def _read_msrvtt(data: dict, split: str | None, name: str) -> References:
         if not isinstance(video, dict) or "video_id" not in video:
             raise SmallCapError(f"{name}: videos[{index}] has no \"video_id\"; expected {MSRVTT_FORM}")
         if split is None or video.get("split") == split:
-            wanted[_image_id(video["video_id"], f"{name}: videos[{index}]")] = []
+            wanted[parse_image_id(video["video_id"], f"{name}: videos[{index}]")] = []
     if not wanted:
         splits = sorted({str(video.get("split")) for video in data["videos"]})
         raise SmallCapError(f"{name}: no video has split {split!r}; splits in the file: {', '.join(splits)}")
     for record in read_caption_data(data, name, format="msrvtt"):
-        video_id = _image_id(record.image_id, name)
+        video_id = parse_image_id(record.image_id, name)
         if video_id in wanted:
             wanted[video_id].append(record.caption)
     return References(wanted, {}, name)
@@ -193,7 +185,7 @@ def load_predictions(source: str | os.PathLike | Sequence[dict]) -> dict[ImageId
     for index, item in enumerate(data):
         if not isinstance(item, dict) or "image_id" not in item or not isinstance(item.get("caption"), str):
             raise SmallCapError(f"{name}: item {index} is {json.dumps(item)[:80]}; expected {PREDICTIONS_FORM}")
-        image_id = _image_id(item["image_id"], f"{name}: item {index}")
+        image_id = parse_image_id(item["image_id"], f"{name}: item {index}")
         if image_id in predictions:
             duplicates.append(image_id)
         predictions[image_id] = item["caption"]

@@ -15,13 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from smallcap.captioner import Captioner
-from smallcap.data import read_captions
+from smallcap.data import ImageId
 from smallcap.errors import SmallCapError
-from smallcap.images import expand_inputs, find_media
 from smallcap.io import atomic_write_json
-
-ImageId = int | str
-
 
 @dataclass
 class PredictionReport:
@@ -31,39 +27,6 @@ class PredictionReport:
     resumed: int
     failed: dict
     output: Path
-
-
-def _as_id(value: str) -> ImageId:
-    return int(value) if value.isdigit() else value
-
-
-def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir: str | os.PathLike | None = None,
-                   format: str | None = None) -> list[tuple[ImageId, Path]]:
-    """The (image id, file) pairs to caption: a folder of images/videos (id = file stem, as an int when it is
-    digits), or the images of `split` in a caption file (Karpathy, COCO, JSONL/CSV with an image column,
-    MSR-VTT), found under `images_dir` (default: the file's folder)."""
-    data = Path(data)
-    if data.is_dir():
-        return [(_as_id(path.stem), path) for path in expand_inputs([data])]
-    if not data.exists():
-        raise SmallCapError(f"{data}: no such file or directory")
-    root = Path(images_dir) if images_dir is not None else data.parent
-    pairs: dict[ImageId, Path] = {}
-    for record in read_captions(data, format=format, splits=None if split is None else [split]):
-        if record.image_id in pairs or (split is not None and record.split not in (None, split)):
-            continue
-        path = root / record.image_file if record.image_file else find_media(root, record.image_id)
-        if path is None:
-            raise SmallCapError(f"{data}: no file for image {record.image_id!r} in {root} (tried "
-                                f"{record.image_id}.jpg, .png, .mp4, ...); pass --images-dir")
-        pairs[record.image_id] = path
-    if not pairs:
-        raise SmallCapError(f"{data}: no images{'' if split is None else f' in split {split!r}'}")
-    missing = [str(path) for path in pairs.values() if not path.is_file()]
-    if missing:
-        raise SmallCapError(f"{data}: {len(missing)} of {len(pairs)} image files not found, e.g. {missing[0]}; "
-                            "pass --images-dir with the folder that holds them")
-    return list(pairs.items())
 
 
 def _read_output(path: Path) -> dict[str, str]:

@@ -7,6 +7,7 @@ OPT and XGLM prompts start with "</s>" as the reference's tokenizers add it; GPT
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -52,7 +53,6 @@ def _encode_pad_and_end_as_plain_text(tokenizer) -> None:
     # transformers 5 registers special tokens with the backend as "added tokens", which are split out of the
     # text before BPE: "a bike.." would encode as [.., 13, 13] instead of the reference's [.., 492]. In SmallCap
     # `!` and `.` are ordinary vocabulary entries that merely serve as pad and end, so unregister them.
-    import json
 
     from tokenizers import Tokenizer
 

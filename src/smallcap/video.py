@@ -18,9 +18,7 @@ The image captioner then captions the tile like any photo (training-free; paper 
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
 import os
 import warnings
@@ -427,64 +425,3 @@ def save_tile(image: Image.Image, source_path: str | os.PathLike, out_dir: str |
     target = Path(out_dir) / f"{Path(source_path).name}.png"
     atomic_write_bytes(target, buffer.getvalue())
     return target
-
-
-# ------------------------------------------------------------------------------------------ MSR-VTT splits
-
-_SPLIT_ALIASES = {"val": "validate", "valid": "validate", "validation": "validate"}
-
-
-def list_split_videos(annotations: str | os.PathLike, video_dir: str | os.PathLike, split: str | None = None,
-                      allow_missing: bool = False) -> list[tuple[str, Path]]:
-    """(video_id, file) for each video of an MSR-VTT split, in annotation order.
-
-    `annotations`: the official MSR-VTT JSON (`{"videos": [{"video_id", "split"}...], "sentences": [...]}`;
-    splits "train", "validate" (alias "val") and "test"; `split=None` takes every video), or a CSV with a
-    `video_id` column (e.g. the 1k-A test list). The file of `video0` is `video_dir/video0.<ext>` for a
-    video extension (mp4 first). Missing files are an error, or skipped with a warning if `allow_missing`.
-    """
-    annotations, video_dir = Path(annotations), Path(video_dir)
-    ids = _split_video_ids(annotations, _SPLIT_ALIASES.get(split, split))
-    if not video_dir.is_dir():
-        raise SmallCapError(f"{video_dir}: video directory not found")
-    files: dict[str, Path] = {}
-    for entry in sorted(video_dir.iterdir(), key=lambda p: VIDEO_EXTENSIONS.index(p.suffix.lower())
-                        if p.suffix.lower() in VIDEO_EXTENSIONS else len(VIDEO_EXTENSIONS)):
-        if entry.suffix.lower() in VIDEO_EXTENSIONS:
-            files.setdefault(entry.stem, entry)
-    missing = [video_id for video_id in ids if video_id not in files]
-    if missing:
-        message = (f"{video_dir}: no video file for {len(missing)} of {len(ids)} videos in {annotations.name}"
-                   f" (e.g. {', '.join(missing[:3])}; expected e.g. {missing[0]}.mp4)")
-        if not allow_missing:
-            raise SmallCapError(message)
-        warnings.warn(message + "; skipping them", stacklevel=2)
-    return [(video_id, files[video_id]) for video_id in ids if video_id in files]
-
-
-def _split_video_ids(annotations: Path, split: str | None) -> list[str]:
-    if not annotations.is_file():
-        raise SmallCapError(f"{annotations}: annotation file not found")
-    if annotations.suffix.lower() == ".csv":
-        with open(annotations, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if "video_id" not in (reader.fieldnames or []):
-                raise SmallCapError(f"{annotations}: expected a CSV header with a 'video_id' column")
-            if split is not None:
-                raise SmallCapError(f"{annotations}: a CSV video list has no splits; drop the split ({split!r})")
-            return list(dict.fromkeys(row["video_id"] for row in reader))
-    try:
-        data = json.loads(annotations.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SmallCapError(f"{annotations}: not valid JSON ({error})") from error
-    videos = data.get("videos") if isinstance(data, dict) else None
-    if not isinstance(videos, list) or not all(isinstance(v, dict) and "video_id" in v for v in videos):
-        raise SmallCapError(f"{annotations}: expected MSR-VTT annotations, a JSON object with a 'videos' list of "
-                            "{'video_id': ..., 'split': ...} entries")
-    if split is None:
-        return [str(v["video_id"]) for v in videos]
-    found = {v.get("split") for v in videos}
-    if split not in found:
-        raise SmallCapError(f"{annotations}: no videos in split {split!r} (splits present: "
-                            f"{', '.join(sorted(map(str, found)))})")
-    return [str(v["video_id"]) for v in videos if v.get("split") == split]

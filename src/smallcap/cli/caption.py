@@ -82,10 +82,12 @@ def build_captioner(args):
 
 
 def retrieved_for(path: Path, table: dict[str, list[str]]) -> list[str]:
-    """The entry for an image file: keyed by its stem, or by the stem's integer value (000000000139 -> 139)."""
+    """The entry for an image file: keyed by its stem, or by its image id (`image_id_key`: 000000000139 -> 139)."""
+    from smallcap.data import image_id_key
+
     stem = path.stem
-    if stem.isdigit() and stem not in table and str(int(stem)) in table:
-        stem = str(int(stem))
+    if stem not in table and image_id_key(stem) in table:
+        stem = image_id_key(stem)
     if stem in table:
         if not table[stem]:
             raise SmallCapError(f"{path}: the --retrieved file has an empty list for image id {stem!r}; the prompt "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from smallcap.cli.options import non_negative_int
 
@@ -25,7 +26,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Caption and print; exit code 1 if an image could not be read."""
-    from dataclasses import asdict
 
     import torch
     from transformers.utils import logging as transformers_logging

@@ -58,7 +58,8 @@ def run_settings(args) -> dict:
 def run(args) -> int:
     """Predict; exit code 1 if some images could not be captioned (they are retried on a re-run)."""
     from smallcap.io import check_output_file
-    from smallcap.prediction import check_resume_settings, dataset_images, predict
+    from smallcap.data import dataset_images
+    from smallcap.prediction import check_resume_settings, predict
 
     check_output_file(args.out, "--out")
     if args.engine == "ray":

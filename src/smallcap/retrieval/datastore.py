@@ -16,7 +16,7 @@ instant and costs no RAM until rows are used. Typical use:
     hits = store.search(encoder.embed_images(images), k=4)   # hits.captions[i] = best first
     MultiDatastore([coco, web]).search(queries, k=4)         # best k of the union
 
-`Datastore.build(...)` and `import_datastore(...)` (smallcap.retrieval.build) create datastores.
+`build_datastore(...)` and `import_datastore(...)` (smallcap.retrieval.build) create datastores.
 """
 
 from __future__ import annotations
@@ -148,14 +148,6 @@ class Datastore:
     def __repr__(self) -> str:
         return (f"Datastore({str(self.directory)!r}, {len(self)} captions, {self.encoder_name}, "
                 f"{self.manifest['index']['type']})")
-
-    @classmethod
-    def build(cls, inputs: Sequence[str | Path], out_dir: str | Path, encoder: RetrievalEncoder | str,
-              **options) -> "Datastore":
-        """Embed the captions of `inputs` and write a datastore to `out_dir`; see `smallcap.retrieval.build`."""
-        from smallcap.retrieval.build import build_datastore
-
-        return build_datastore(inputs, out_dir, encoder, **options)
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "Datastore":

@@ -27,12 +27,14 @@ class RetrievalEncoder(Protocol):
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray: ...
 
 
-def _normalise(features: torch.Tensor) -> np.ndarray:
+def normalise(features: torch.Tensor) -> np.ndarray:
+    """L2-normalised float32 numpy embeddings (cosine similarity = inner product in the faiss index)."""
     features = features.float()
     return torch.nn.functional.normalize(features, dim=-1).cpu().numpy().astype(np.float32)
 
 
-def _batches(items: Sequence, batch_size: int, progress: bool, desc: str):
+def batches(items: Sequence, batch_size: int, progress: bool, desc: str):
+    """`items` in slices of `batch_size`, with a progress bar when there are several."""
     starts = range(0, len(items), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2):
         yield items[start:start + batch_size]
@@ -67,7 +69,7 @@ class HFCLIPEncoder:
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Embed PIL images; returns (n, dim) float32 unit vectors."""
         out = [np.zeros((0, self.dim), np.float32)]
-        for batch in _batches(list(images), batch_size, progress, "embedding images"):
+        for batch in batches(list(images), batch_size, progress, "embedding images"):
             pixels = self.processor(images=[im.convert("RGB") for im in batch], return_tensors="pt").pixel_values
             out.append(self.image_embeddings_from_pixels(pixels.to(self.device)))
         return np.concatenate(out)
@@ -75,22 +77,22 @@ class HFCLIPEncoder:
     def image_embeddings_from_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Embed preprocessed pixels; returns (n, dim) float32 unit vectors."""
         with torch.inference_mode():
-            return _normalise(self.model.get_image_features(pixel_values=pixel_values).pooler_output)
+            return normalise(self.model.get_image_features(pixel_values=pixel_values).pooler_output)
 
     def image_embeddings_from_states(self, last_hidden_state: torch.Tensor) -> np.ndarray:
         """Embed from this CLIP's own vision states (CLS -> post-layernorm -> projection), no second pass."""
         with torch.inference_mode():
             states = last_hidden_state.to(self.device, self.model.dtype)
             pooled = self.model.vision_model.post_layernorm(states[:, 0, :])
-            return _normalise(self.model.visual_projection(pooled))
+            return normalise(self.model.visual_projection(pooled))
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed caption strings (truncated to CLIP's context); returns (n, dim) float32 unit vectors."""
         out = [np.zeros((0, self.dim), np.float32)]
-        for batch in _batches(list(texts), batch_size, progress, "embedding texts"):
+        for batch in batches(list(texts), batch_size, progress, "embedding texts"):
             tokens = self.tokenizer(list(batch), padding=True, truncation=True, return_tensors="pt").to(self.device)
-            out.append(_normalise(self.model.get_text_features(**tokens).pooler_output))
+            out.append(normalise(self.model.get_text_features(**tokens).pooler_output))
         return np.concatenate(out)
 
 

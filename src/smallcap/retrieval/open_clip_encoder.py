@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from smallcap.errors import SmallCapError
-from smallcap.retrieval.encoders import _batches, _normalise
+from smallcap.errors import SmallCapError, require_extra
+from smallcap.retrieval.encoders import batches, normalise
 
 DEFAULT_TAG = "openai"
 
@@ -27,16 +27,6 @@ def parse_open_clip_name(name: str) -> tuple[str, str]:
         raise SmallCapError(f"encoder name {name!r}: expected open_clip:ARCH[/PRETRAINED], "
                             "e.g. open_clip:RN50x64/openai")
     return arch, pretrained or DEFAULT_TAG
-
-
-def _import_open_clip():
-    try:
-        import open_clip
-    except ImportError as error:
-        raise SmallCapError(
-            f"the open_clip encoder backend needs the open_clip package ({error}). It is an optional extra: "
-            "pip install 'smallcap[open-clip]'") from None
-    return open_clip
 
 
 class OpenCLIPEncoder:
@@ -54,7 +44,7 @@ class OpenCLIPEncoder:
     def from_name(cls, name: str, device: str = "cpu") -> "OpenCLIPEncoder":
         """Create model, preprocessing and tokenizer for `open_clip:ARCH[/PRETRAINED]`."""
         arch, pretrained = parse_open_clip_name(name)
-        open_clip = _import_open_clip()
+        open_clip = require_extra("open_clip", "open-clip", "An open_clip retrieval encoder")
         if arch not in open_clip.list_models():
             raise SmallCapError(f"open_clip has no model {arch!r}; see open_clip.list_models() "
                                 "(e.g. RN50x64, ViT-B-32)")
@@ -74,15 +64,15 @@ class OpenCLIPEncoder:
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Embed PIL images; returns (n, dim) float32 unit vectors."""
         out = []
-        for batch in _batches(list(images), batch_size, progress, "embedding images"):
+        for batch in batches(list(images), batch_size, progress, "embedding images"):
             pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in batch]).to(self.device)
-            out.append(_normalise(self.model.encode_image(pixels)))
+            out.append(normalise(self.model.encode_image(pixels)))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed caption strings (truncated to the model's context); returns (n, dim) float32 unit vectors."""
         out = []
-        for batch in _batches(list(texts), batch_size, progress, "embedding texts"):
-            out.append(_normalise(self.model.encode_text(self.tokenizer(list(batch)).to(self.device))))
+        for batch in batches(list(texts), batch_size, progress, "embedding texts"):
+            out.append(normalise(self.model.encode_text(self.tokenizer(list(batch)).to(self.device))))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)

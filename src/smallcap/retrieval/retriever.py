@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from smallcap.data import dataset_images
 from smallcap.retrieval.datastore import Datastore, MultiDatastore, load_datastores
 from smallcap.retrieval.encoders import HFCLIPEncoder, RetrievalEncoder, load_encoder
 
@@ -68,7 +69,6 @@ def retrieve_for_dataset(directories: Sequence[str], data: str, out_path: str | 
     from tqdm.auto import tqdm
 
     from smallcap.images import load_image
-    from smallcap.prediction import dataset_images
     from smallcap.retrieval.datastore import retrieve_for_training
 
     store = load_datastores(list(directories))

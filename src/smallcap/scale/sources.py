@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from smallcap import video
-from smallcap.data import IMAGE_COLUMNS
+from smallcap.data import IMAGE_COLUMNS, dataset_images, parse_image_id
 from smallcap.errors import SmallCapError
 from smallcap.images import IMAGE_EXTENSIONS, expand_inputs
 
@@ -77,10 +77,6 @@ def expand_braces(pattern: str) -> list[str]:
         return [pattern]  # a literal brace in a file name
     head, tail = pattern[:match.start()], pattern[match.end():]
     return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
-
-
-def _as_id(value: str) -> ImageId:
-    return int(value) if value.isdigit() else value
 
 
 def _is_tar(path: str) -> bool:
@@ -134,21 +130,20 @@ def read_path_table(path: str | Path, images_dir: str | Path | None = None) -> l
         file = root / str(row[path_column])
         if id_column is not None and row.get(id_column) not in (None, ""):
             image_id = row[id_column]
-            image_id = _as_id(image_id) if isinstance(image_id, str) else image_id
+            image_id = parse_image_id(image_id) if isinstance(image_id, str) else image_id
         else:
-            image_id = _as_id(file.stem)
+            image_id = parse_image_id(file.stem)
         pairs.append((image_id, str(file)))
     return pairs
 
 
 def _loose_items(path: str, split: str | None, images_dir: str | None, format: str | None):
-    from smallcap.prediction import dataset_images
 
     suffix = Path(path).suffix.lower()
     if Path(path).is_dir():
         return [(image_id, str(file)) for image_id, file in dataset_images(path)]
     if suffix in IMAGE_EXTENSIONS or suffix in video.VIDEO_EXTENSIONS:
-        return [(_as_id(Path(file).stem), str(file)) for file in expand_inputs([path])]
+        return [(parse_image_id(Path(file).stem), str(file)) for file in expand_inputs([path])]
     if suffix in TABLE_EXTENSIONS and format is None:
         return read_path_table(path, images_dir)
     return [(image_id, str(file)) for image_id, file in dataset_images(path, split, images_dir, format)]

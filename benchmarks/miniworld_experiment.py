@@ -1,5 +1,7 @@
 """The miniworld experiment: SmallCap's whole pipeline on a synthetic world, through the public commands only.
 
+An experiment harness, not library code: it drives `smallcap.cli.main` and lives beside the benchmark that runs it.
+
 world (images, captions, mini CLIP, mini GPT-2)  ->  `smallcap datastore build` (source and target training
 captions, mini CLIP as encoder)  ->  `smallcap datastore retrieve` (training retrieval: top 15, own captions
 dropped, 7 kept)  ->  `smallcap train` on the SOURCE domain only, with and without retrieval  ->  `smallcap
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -178,7 +181,6 @@ def write_oracle_retrieval(karpathy: Path, out_path: Path, k: int = 4, seed: int
     """A perfect retriever's `{image_id: [captions]}` for the test images of a Karpathy file: one caption of each
     of the k training images whose objects (shape, colour) overlap the test image's most (Jaccard; ties broken
     at random, seeded), most similar first. Written once; returns `out_path`."""
-    import random
 
     from smallcap.io import atomic_write_json
 
