@@ -1,6 +1,6 @@
 """Video input, SmallCap's MSR-VTT recipe: sample frames evenly over a clip and tile them into one image.
 
-The image captioner then captions the tile like any photo (training-free; paper §5, spec §8).
+The image captioner then captions the tile like any photo (training-free; paper §5).
 
 - Frame choice: the clip is cut into n equal segments and the frame *on screen* at the middle of each is
   taken, t_i = (i + 0.5) * duration / n (the last frame starting at or before t_i). Without duration

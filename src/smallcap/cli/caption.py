@@ -58,21 +58,27 @@ def add_captioner_arguments(parser) -> None:
     parser.add_argument("--save-tiles", type=Path, metavar="DIR", help="video: write each tiled image here as PNG")
 
 
-def build_captioner(args):
-    """The Captioner the shared arguments describe."""
-    from smallcap.captioner import Captioner
+def captioner_options(args) -> dict:
+    """The `Captioner.from_pretrained` keyword arguments the shared arguments describe."""
     from smallcap.generation import GenerationSettings
     from smallcap.images import VideoOptions
 
     import torch
 
-    return Captioner.from_pretrained(
-        args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
+    return dict(
+        model=args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
         dtype=None if args.dtype == "float32" else getattr(torch, args.dtype),
         k=args.k, use_retrieval=False if args.no_retrieval else None,
         datastores=args.datastore, retrieval_encoder=args.retrieval_encoder,
         settings=GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens),
         video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles), max_image_pixels=args.max_image_pixels)
+
+
+def build_captioner(args):
+    """The Captioner the shared arguments describe."""
+    from smallcap.captioner import Captioner
+
+    return Captioner.from_pretrained(**captioner_options(args))
 
 
 def retrieved_for(path: Path, table: dict[str, list[str]]) -> list[str]:

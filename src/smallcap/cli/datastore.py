@@ -35,9 +35,10 @@ def register(subparsers) -> None:
     build.add_argument("--memory-budget", type=positive_float, default=4.0, metavar="GIB",
                        help="RAM for raw vectors before auto switches to a compressed index (default %(default)s)")
     build.add_argument("--max-tokens", type=non_negative_int, default=25,
-                       help="drop captions longer than this many GPT-2 tokens; 0 keeps all (default %(default)s)")
+                       help="drop captions longer than this many decoder tokens; 0 keeps all (default %(default)s)")
     build.add_argument("--tokenizer", default=None,
-                       help="GPT-2 tokenizer id or directory for --max-tokens (default: --model's, else gpt2)")
+                       help="the decoder's tokenizer (id or directory) for --max-tokens, e.g. facebook/opt-125m for "
+                            "OPT (default: --model's, else gpt2)")
     build.add_argument("--model", default=None, metavar="MODEL",
                        help="the SmallCap model the datastore is for (e.g. mini): its tokenizer measures --max-tokens")
     build.add_argument("--dedupe", action="store_true", help="keep only the first copy of identical captions")
@@ -50,6 +51,11 @@ def register(subparsers) -> None:
     build.add_argument("--shard-size", type=positive_int, default=16384, help="captions per resumable embedding shard")
     build.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    build.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="ray: embed the shards with an actor pool on a Ray cluster (needs smallcap[ray])")
+    build.add_argument("--address", default=None, help="--engine ray: cluster to join (default: a local one)")
+    build.add_argument("--num-workers", type=int, default=1, help="--engine ray: embedding actors (default 1)")
+    build.add_argument("--gpus-per-worker", type=float, default=0.0, help="--engine ray: GPUs per actor")
     build.set_defaults(func=run_build)
 
     imp = verbs.add_parser("import", help="import a published faiss index and its caption file")
@@ -120,11 +126,19 @@ def run_build(args: argparse.Namespace) -> int:
         if any((directory / name).exists() for name in ("tokenizer.json", "vocab.json")):
             tokenizer = args.model if bundled_path(args.model) else str(directory)
         # else a published checkpoint without its own tokenizer: its decoder is GPT-2, the default
+    embedder = None
+    if args.engine == "ray":
+        from smallcap.scale.datastore import RayShardEmbedder
+
+        embedder = RayShardEmbedder(args.encoder, device=args.device, batch_size=args.batch_size,
+                                    num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
+                                    address=args.address)
     store = build_datastore(
         args.inputs, args.out, args.encoder, index=args.index, max_tokens=args.max_tokens or None,
         tokenizer=tokenizer or DEFAULT_LENGTH_TOKENIZER, dedupe=args.dedupe, batch_size=args.batch_size, shard_size=args.shard_size,
         splits=splits, format=args.format, column=args.column, id_column=args.id_column,
-        memory_budget=int(args.memory_budget * 2**30), overwrite=args.overwrite, device=_device(args.device))
+        memory_budget=int(args.memory_budget * 2**30), overwrite=args.overwrite, device=_device(args.device),
+        embedder=embedder)
     print(f"{store.directory}: {len(store)} captions, {store.manifest['index']['type']} index, {store.encoder_name}")
     return 0
 

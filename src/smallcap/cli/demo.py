@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from smallcap.cli.options import non_negative_int
 
