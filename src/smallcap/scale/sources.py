@@ -225,15 +225,8 @@ def read_shard(shard: InputShard) -> Iterator[Item]:
 
 def open_item(item: Item, options=None):
     """The item as an RGB PIL image (a video file becomes its tiled frames); SmallCapError if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    from smallcap.images import load_image
+    from smallcap.images import decode_image, load_image
 
     if item.path is not None:
         return load_image(item.path, options)
-    try:
-        with Image.open(io.BytesIO(item.data)) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise SmallCapError(f"{item.name}: unreadable image ({error})") from None
+    return decode_image(io.BytesIO(item.data), item.name)
