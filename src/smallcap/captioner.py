@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -14,13 +14,10 @@ from tqdm.auto import tqdm
 from smallcap.errors import MissingExtraError, SmallCapError
 from smallcap.hub import DEFAULT_MODEL
 from smallcap.generation import GenerationSettings, generate
-from smallcap.images import ImageInput, VideoOptions, describe, load_image
-from smallcap.modeling import SmallCap, load_smallcap
-from smallcap.prompt import clean_caption, load_tokenizer, prompt_ids
-
-# Published SmallCap checkpoints ship neither tokenizer nor image processor: they come from the base models.
-DEFAULT_DECODER = "gpt2"
-DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
+from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, VideoOptions, describe, load_image
+from smallcap.loading import load_captioner_parts
+from smallcap.modeling import SmallCap
+from smallcap.prompt import clean_caption, prompt_ids
 
 # A retriever maps a batch of images (and the model's encoder states for them) to retrieved captions.
 Retriever = Callable[[Sequence[Image.Image], torch.Tensor, int], list[list[str]]]
@@ -42,34 +39,19 @@ class CaptionResult:
         return {"image": self.image, "caption": self.caption, "retrieved": self.retrieved}
 
 
-def _load_with_fallback(loader, candidates: Sequence[str], what: str):
-    """Try each candidate name in turn; the first that loads wins."""
-    errors = []
-    for name in dict.fromkeys(c for c in candidates if c):
-        try:
-            return loader(name)
-        except (SmallCapError, OSError, ValueError) as error:
-            errors.append(f"{name}: {str(error).splitlines()[0]}")
-    raise SmallCapError(f"could not find a {what} for this model (tried {'; '.join(errors)}); "
-                        f"pass one explicitly")
-
-
-def _base_name(sub_config, default: str) -> str:
-    name = getattr(sub_config, "_name_or_path", "") or ""
-    return name if name and (Path(name).is_dir() or name.count("/") <= 1 and not name.startswith(".")) else default
-
-
 class Captioner:
     """Caption images with a SmallCap model, retrieved captions in the prompt, in batches.
 
     `captioner(images, retrieved=None)` accepts file paths (images or videos), PIL images and arrays. Retrieved captions come
     from `retrieved` (one list per image) when given, else from the attached `retriever` (a datastore); with
-    `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions.
+    `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions, and a
+    `retrieved` argument is ignored.
     """
 
     def __init__(self, model: SmallCap, tokenizer, image_processor, retriever: Retriever | None = None,
                  k: int | None = None, use_retrieval: bool | None = None,
-                 settings: GenerationSettings | None = None, video: VideoOptions | None = None):
+                 settings: GenerationSettings | None = None, video: VideoOptions | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -78,30 +60,26 @@ class Captioner:
         self.use_retrieval = bool(getattr(model.config, "rag", True)) if use_retrieval is None else use_retrieval
         self.settings = settings or GenerationSettings()
         self.video = video or VideoOptions()
+        self.max_image_pixels = max_image_pixels
+        if self.k < 1:
+            raise SmallCapError(f"k (retrieved captions in the prompt) must be at least 1, got {self.k}")
+        self.settings.check()
+        self._warned_prompt_cap = False
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, *, tokenizer: str | None = None,
                         image_processor: str | None = None, device: str = "cpu",
                         dtype: torch.dtype | None = None, datastores: Sequence[str] | None = None,
                         retrieval_encoder: str | None = None, **kwargs) -> "Captioner":
-        """Load a SmallCap checkpoint (Hub id or directory) with its tokenizer and image processor.
+        """Load a SmallCap checkpoint (Hub id, directory or bundled short name) with its tokenizer and image
+        processor (`smallcap.loading.load_captioner_parts`: the checkpoint's own, else its base models').
 
-        Tokenizer and image processor come from the checkpoint if it has them, else from its base models.
         With `datastores`, captions are retrieved from them (combined) with `retrieval_encoder` (default: the
         encoder the datastores were built with).
         """
-        from transformers import AutoImageProcessor
-
-        from smallcap.hub import local_snapshot
-
-        directory = local_snapshot(str(model))
-        smallcap = load_smallcap(directory, **({"dtype": dtype} if dtype else {})).to(device)
-        config = smallcap.config
-        tok = _load_with_fallback(load_tokenizer, [tokenizer, directory, _base_name(config.decoder, DEFAULT_DECODER)],
-                                  "tokenizer")
-        processor = _load_with_fallback(
-            AutoImageProcessor.from_pretrained,
-            [image_processor, directory, _base_name(config.encoder, DEFAULT_ENCODER)], "image processor")
+        smallcap, tok, processor = load_captioner_parts(model, tokenizer=tokenizer, image_processor=image_processor,
+                                                        **({"dtype": dtype} if dtype else {}))
+        smallcap = smallcap.to(device)
         if datastores:
             from smallcap.retrieval.retriever import DatastoreRetriever
 
@@ -120,34 +98,81 @@ class Captioner:
         return self.model.encoder(pixel_values=pixels).last_hidden_state
 
     def caption_encoded(self, encoder_states: torch.Tensor, retrieved: Sequence[Sequence[str]] | None) -> list[str]:
-        """Captions for precomputed encoder states (e.g. from a feature cache), one per row."""
-        prompts = [prompt_ids(self.tokenizer, None if retrieved is None else caps, self.k)
+        """Captions for precomputed encoder states (e.g. from a feature cache), one per row; `retrieved` is
+        ignored when the captioner does not use retrieval."""
+        if not self.use_retrieval:
+            retrieved = None
+        prompts = [self._fitting_prompt(None if retrieved is None else caps)[0]
                    for caps in (retrieved if retrieved is not None else [None] * len(encoder_states))]
         new_ids = generate(self.model, prompts, encoder_hidden_states=encoder_states, settings=self.settings)
         return [clean_caption(self.tokenizer, ids, self.model.config.eos_token_id) for ids in new_ids]
+
+    def context_size(self) -> int | None:
+        """The decoder's number of positions (prompt + caption must fit), if the config says."""
+        decoder = self.model.config.decoder
+        return getattr(decoder, "n_positions", None) or getattr(decoder, "max_position_embeddings", None)
+
+    def _fitting_prompt(self, retrieved: Sequence[str] | None) -> tuple[list[int], int]:
+        """Prompt ids with up to k retrieved captions, fewer (with a warning, once) when the prompt and
+        `max_new_tokens` would not fit the decoder's context; and how many captions it holds."""
+        ids = prompt_ids(self.tokenizer, retrieved, self.k)
+        used = min(self.k, len(retrieved or []))
+        limit = self.context_size()
+        if limit is None or len(ids) + self.settings.max_new_tokens <= limit:
+            return ids, used
+        while used > 1 and len(ids) + self.settings.max_new_tokens > limit:
+            used -= 1
+            ids = prompt_ids(self.tokenizer, retrieved, used)
+        if len(ids) + self.settings.max_new_tokens > limit:
+            raise SmallCapError(f"the prompt ({len(ids)} tokens) plus max_new_tokens={self.settings.max_new_tokens} "
+                                f"does not fit the model's {limit}-token context; lower --max-new-tokens")
+        if not self._warned_prompt_cap:
+            print(f"warning: k={self.k} retrieved captions do not fit the model's {limit}-token context with "
+                  f"max_new_tokens={self.settings.max_new_tokens}; using the first {used} where needed "
+                  "(pass a smaller --k to silence this)", file=sys.stderr)
+            self._warned_prompt_cap = True
+        return ids, used
 
     def __call__(self, images: Sequence[ImageInput] | ImageInput, retrieved: Sequence[Sequence[str]] | None = None,
                  batch_size: int = 8, progress: bool = False) -> list[CaptionResult]:
         """Caption `images`; an input that cannot be read gets a result with `error` set, the rest still run."""
         if isinstance(images, (str, os.PathLike, Image.Image)) or getattr(images, "ndim", 0) == 3:
             images = [images]
+        return [result for batch in self.iter_batches(images, retrieved, batch_size, progress) for result in batch]
+
+    def iter_batches(self, images: Sequence[ImageInput], retrieved: Sequence[Sequence[str]] | None = None,
+                     batch_size: int = 8, progress: bool = False) -> Iterator[list[CaptionResult]]:
+        """Caption `images` batch by batch, yielding each batch's results as soon as they are done (so a
+        caller can save them before the next batch starts)."""
+        if batch_size < 1:
+            raise SmallCapError(f"batch size must be at least 1, got {batch_size}")
+        if isinstance(images, (str, os.PathLike, Image.Image)) or getattr(images, "ndim", 0) == 3:
+            images = [images]
         images = list(images)
+        if not self.use_retrieval:
+            retrieved = None  # the model's prompt has no retrieved captions, whatever is given
         if retrieved is not None and len(retrieved) != len(images):
             raise SmallCapError(f"got {len(images)} images but {len(retrieved)} lists of retrieved captions")
         if self.use_retrieval and retrieved is None and self.retriever is None:
             raise SmallCapError("this model was trained with retrieved captions in its prompt: give them "
                                 "(--retrieved FILE / retrieved=...), attach a datastore (--datastore DIR), "
                                 "or disable retrieval (--no-retrieval / use_retrieval=False)")
-        results: list[CaptionResult] = []
+        if retrieved is not None and self.use_retrieval:
+            empty = [describe(source, index) for index, (source, caps) in enumerate(zip(images, retrieved)) if not caps]
+            if empty:
+                raise SmallCapError(f"empty list of retrieved captions for {', '.join(empty[:3])}"
+                                    f"{' ...' if len(empty) > 3 else ''}; the prompt needs at least one "
+                                    "(or caption without retrieval: --no-retrieval / use_retrieval=False)")
         bar = tqdm(total=len(images), desc="captioning", unit="image", disable=not progress)
         for start in range(0, len(images), batch_size):
             batch = [(index, describe(source, index), source)
                      for index, source in enumerate(images[start:start + batch_size], start)]
+            results: list[CaptionResult] = []
             loaded, ok = [], []
-            for index, name, source in batch:
+            for position, (index, name, source) in enumerate(batch):
                 try:
-                    loaded.append(load_image(source, self.video))
-                    ok.append(index)
+                    loaded.append(load_image(source, self.video, max_pixels=self.max_image_pixels))
+                    ok.append(position)
                     results.append(CaptionResult(name, None))
                 except MissingExtraError:  # the environment, not this input: every video would fail alike
                     raise
@@ -155,10 +180,10 @@ class Captioner:
                     results.append(CaptionResult(name, None, error=str(error)))
             if loaded:
                 self._caption_batch(loaded, [results[i] for i in ok],
-                                    None if retrieved is None else [retrieved[i] for i in ok])
+                                    None if retrieved is None else [retrieved[batch[i][0]] for i in ok])
             bar.update(len(batch))
+            yield results
         bar.close()
-        return results
 
     def _caption_batch(self, images: list[Image.Image], results: list[CaptionResult],
                        retrieved: list[Sequence[str]] | None) -> None:
@@ -168,4 +193,5 @@ class Captioner:
         captions = self.caption_encoded(states, retrieved)
         for index, (result, caption) in enumerate(zip(results, captions)):
             result.caption = caption
-            result.retrieved = [] if retrieved is None else list(retrieved[index][:self.k])
+            if retrieved is not None:  # the captions the prompt actually held
+                result.retrieved = list(retrieved[index][:self._fitting_prompt(retrieved[index])[1]])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 import smallcap
 from smallcap.data import DATASTORE_SPLITS, CaptionRecord, read_captions
 from smallcap.errors import SmallCapError
-from smallcap.io import atomic_directory, atomic_write_json
+from smallcap.io import atomic_directory, atomic_open, atomic_write_json
 from smallcap.retrieval.datastore import FORMAT, FORMAT_VERSION, INDEX_FILE, Datastore, StringColumn
 from smallcap.retrieval.encoders import RetrievalEncoder, canonical_encoder_name, load_encoder
 from smallcap.retrieval.index import (
@@ -41,6 +40,8 @@ from smallcap.retrieval.index import (
 
 DEFAULT_SHARD_SIZE = 16384
 DEFAULT_LENGTH_TOKENIZER = "gpt2"
+# Embeds (shard number, captions) jobs, yielding (shard number, float32 vectors) in any order.
+ShardEmbedder = Callable[[list[tuple[int, list[str]]]], Iterator[tuple[int, np.ndarray]]]
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Selection:
 
 
 def load_length_tokenizer(name: str = DEFAULT_LENGTH_TOKENIZER):
-    """The decoder's GPT-2 tokenizer (Hub id or directory), used to measure caption lengths."""
+    """The decoder's tokenizer (Hub id or directory; GPT-2, OPT or XGLM), used to measure caption lengths."""
     from transformers import AutoTokenizer, GPT2Tokenizer
 
     from smallcap.hub import explain_load_errors, resolve_pretrained
@@ -110,9 +111,48 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
+DATASTORE_FILES = {INDEX_FILE, "manifest.json", "captions.txt", "captions.offsets.npy", "source_ids.txt",
+                   "source_ids.offsets.npy", "source_files.npy"}
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any work, an output that exists (without `overwrite`) or that `overwrite` must not
+    replace: only a datastore (its manifest and files, nothing else) or an empty directory is replaced; never
+    the working directory or one of its parents, a file, or a folder holding the inputs or other files."""
+    if not out_dir.exists():
+        from smallcap.io import check_output_dir
+
+        check_output_dir(out_dir, "output")
+        return
+    if not overwrite:
         raise SmallCapError(f"output {out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
+    resolved = out_dir.resolve()
+    refuse = f"refusing to replace {out_dir} with --overwrite:"
+    if not resolved.is_dir():
+        raise SmallCapError(f"{refuse} it is a file, not a datastore directory")
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise SmallCapError(f"{refuse} it is the current directory or one of its parents; give a new directory")
+    for path in inputs:
+        if resolved in Path(path).resolve().parents:
+            raise SmallCapError(f"{refuse} it holds the input {path}; give a new directory")
+    entries = {entry.name for entry in resolved.iterdir()}
+    if not entries:
+        return
+    if "manifest.json" not in entries:
+        raise SmallCapError(f"{refuse} it is not a smallcap datastore (no manifest.json) and not empty; "
+                            "--overwrite only replaces a datastore")
+    try:
+        manifest_format = json.loads((resolved / "manifest.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        manifest_format = None
+    if manifest_format != FORMAT:
+        raise SmallCapError(f"{refuse} its manifest.json is not a smallcap datastore's; --overwrite only "
+                            "replaces a datastore")
+    others = sorted(entries - DATASTORE_FILES)
+    if others:
+        raise SmallCapError(f"{refuse} besides the datastore it holds other files ({', '.join(others[:5])}"
+                            f"{' ...' if len(others) > 5 else ''}), which would be lost; move them or give a new "
+                            "directory")
 
 
 def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: RetrievalEncoder | str, *,
@@ -121,7 +161,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
                     splits: Sequence[str] | None = DATASTORE_SPLITS, format: str | None = None,
                     column: str = "caption", id_column: str | None = None,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, overwrite: bool = False, device: str = "cpu",
-                    progress: bool = True) -> Datastore:
+                    progress: bool = True, embedder: ShardEmbedder | None = None) -> Datastore:
     """Build a datastore from caption files and return it opened.
 
     `encoder`: a RetrievalEncoder or a name for `load_encoder`. `index`: auto|flat|ivf|ivfpq|hnsw (see
@@ -129,10 +169,11 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     tokens (`tokenizer`: GPT-2 tokenizer object, Hub id or directory). `splits`: for files with splits
     (Karpathy, MSR-VTT) keep only these (default train + restval); None keeps all. `format`, `column`,
     `id_column`: reader options (smallcap.data). Embeddings go to `<out_dir>/../.<name>.build/` in shards of
-    `shard_size` captions; rerunning after an interruption resumes there.
+    `shard_size` captions; rerunning after an interruption resumes there. `embedder` embeds the shards still
+    to do elsewhere (e.g. `smallcap.scale.datastore.RayShardEmbedder`); default: `encoder`, in this process.
     """
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite, inputs)
     if not inputs:
         raise SmallCapError("no input caption files given")
     records: list[CaptionRecord] = []
@@ -149,6 +190,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
         raise SmallCapError(f"no captions to index in {', '.join(map(str, inputs))}: "
                             f"{_describe_counts(selection.counts)}")
     _log(f"captions: {_describe_counts(selection.counts)}")
+    _warn_if_many_too_long(selection.counts, max_tokens, tokenizer_name)
     if isinstance(encoder, str):
         encoder = load_encoder(encoder, device=device)
     encoder_name = canonical_encoder_name(encoder.name)
@@ -159,7 +201,8 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
             "captions_sha256": hashlib.sha256("\n".join(r.caption for r in kept).encode()).hexdigest(),
             "count": len(kept)}
     work = out_dir.parent / f".{out_dir.name}.build"
-    shards = _embed_in_shards(work, plan, [record.caption for record in kept], encoder, batch_size, progress)
+    shards = _embed_in_shards(work, plan, [record.caption for record in kept], encoder, batch_size, progress,
+                              embedder)
 
     spec = choose_index(len(kept), encoder.dim, index, memory_budget)
     _log(f"index: {spec.type} {spec.params} ({spec.reason})")
@@ -190,13 +233,33 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     return Datastore.load(out_dir)
 
 
+def _warn_if_many_too_long(counts: dict[str, int], max_tokens: int | None, tokenizer_name: str | None) -> None:
+    """Warn when the length filter drops more than a tenth of the captions: with a tokenizer that splits real
+    words into many pieces (e.g. a small model's own BPE), --max-tokens stops meaning "a long caption"."""
+    measured = counts["read"] - counts["empty"]
+    if max_tokens is None or not measured or counts["too_long"] <= 0.1 * measured:
+        return
+    _log(f"warning: {counts['too_long']} of {measured} captions ({100 * counts['too_long'] / measured:.0f}%) are longer "
+         f"than {max_tokens} tokens of the {tokenizer_name or 'given'} tokenizer and were dropped; if that tokenizer "
+         "splits these captions into many pieces, pass --max-tokens 0 (keep all) or a larger --max-tokens")
+
+
 def _describe_counts(counts: dict[str, int]) -> str:
     return (f"{counts['read']} read, {counts['empty']} empty, {counts['too_long']} too long, "
             f"{counts['duplicate']} duplicate, {counts.get('kept', 0)} kept")
 
 
+def embed_captions(encoder: RetrievalEncoder, captions: Sequence[str], batch_size: int) -> np.ndarray:
+    """L2-normalised embeddings of `captions` in order, as float32; batched by length to cut padding."""
+    order = np.argsort([len(caption) for caption in captions], kind="stable")
+    embedded = encoder.embed_texts([captions[i] for i in order], batch_size=batch_size)
+    vectors = np.empty_like(embedded)
+    vectors[order] = embedded  # the inverse permutation restores row order
+    return vectors.astype(np.float32)
+
+
 def _embed_in_shards(work: Path, plan: dict, captions: list[str], encoder: RetrievalEncoder, batch_size: int,
-                     progress: bool) -> list[Path]:
+                     progress: bool, embedder: ShardEmbedder | None = None) -> list[Path]:
     """Embed captions shard by shard into `work`, reusing shards a previous run of the same plan finished."""
     plan_path = work / "plan.json"
     if work.exists():
@@ -214,22 +277,25 @@ def _embed_in_shards(work: Path, plan: dict, captions: list[str], encoder: Retri
     done = [path for path in paths if _valid_shard(path, plan["dim"])]
     if done:
         _log(f"resuming: {len(done)} of {len(paths)} shards already embedded in {work}")
-    bar = tqdm(total=len(captions), initial=min(len(done) * size, len(captions)), unit="caption",
+    jobs = [(number, captions[number * size:(number + 1) * size]) for number, path in enumerate(paths)
+            if path not in done]
+    if embedder is None:
+        def embedder(todo):
+            return ((number, embed_captions(encoder, shard, batch_size)) for number, shard in todo)
+    bar = tqdm(total=len(captions), initial=len(captions) - sum(len(shard) for _, shard in jobs), unit="caption",
                desc="embedding captions", disable=not progress)
-    for number, path in enumerate(paths):
-        if path in done:
-            continue
-        shard = captions[number * size:(number + 1) * size]
-        # Sorting by length before batching cuts padding; the inverse permutation restores row order.
-        order = np.argsort([len(caption) for caption in shard], kind="stable")
-        embedded = encoder.embed_texts([shard[i] for i in order], batch_size=batch_size)
-        vectors = np.empty_like(embedded)
-        vectors[order] = embedded
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, vectors.astype(np.float32))
-        os.replace(tmp, path)
-        bar.update(len(shard))
+    sizes = {number: len(shard) for number, shard in jobs}
+    for number, vectors in embedder(jobs):
+        if vectors.shape != (sizes[number], plan["dim"]):
+            raise SmallCapError(f"shard {number}: got embeddings of shape {vectors.shape}, expected "
+                                f"{(sizes[number], plan['dim'])}; was the same encoder used everywhere?")
+        with atomic_open(paths[number]) as handle:
+            np.save(handle, np.asarray(vectors, dtype=np.float32))
+        bar.update(len(vectors))
     bar.close()
+    missing = [path.name for path in paths if not _valid_shard(path, plan["dim"])]
+    if missing:
+        raise SmallCapError(f"embedding ended without shards {', '.join(missing[:5])}; rerun to resume")
     return paths
 
 
@@ -311,7 +377,7 @@ def import_datastore(index_path: str | Path, captions_path: str | Path, encoder:
     so self-exclusion does not apply). A count mismatch is an error and writes nothing.
     """
     out_dir, index_path = Path(out_dir), Path(index_path)
-    _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite, [index_path, captions_path])
     if not index_path.is_file():
         raise SmallCapError(f"index file {index_path} does not exist")
     captions = read_caption_list(captions_path)

@@ -1,0 +1,239 @@
+"""The inputs of a scale-out job, planned as input shards (one output file each) and read item by item.
+
+An input is one of:
+
+- a WebDataset tar shard (`*.tar`, as img2dataset writes them: `{key}.jpg` next to `{key}.txt`/`.json`); the
+  image id is the key; each tar is one input shard;
+- a folder of images/videos, a glob (`photos/*.jpg`), or a single image/video file; ids are file stems (an
+  int when all digits, as `smallcap predict` does);
+- a Parquet/CSV/TSV table with a path column (`path` or one of `smallcap.data.IMAGE_COLUMNS`) and optionally an
+  id column (`image_id`, `id` or `key`; default: the file stem); relative paths are under `images_dir`, else the
+  table's folder;
+- an annotation file `smallcap predict` reads (Karpathy, COCO, JSONL, MSR-VTT), with `split` and `images_dir`.
+
+Every input may use the brace notation of WebDataset and img2dataset: `shards/{00000..00099}.tar`,
+`{train,val}/*.jpg`. Items that are not in tar files are grouped in order into shards of `shard_size`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from smallcap import video
+from smallcap.data import IMAGE_COLUMNS
+from smallcap.errors import SmallCapError
+from smallcap.images import IMAGE_EXTENSIONS, expand_inputs
+
+ImageId = int | str
+PATH_COLUMNS = ("path", *IMAGE_COLUMNS)
+ID_COLUMNS = ("image_id", "id", "key")
+TABLE_EXTENSIONS = {".parquet", ".pq", ".csv", ".tsv"}
+DEFAULT_SHARD_SIZE = 1000
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """A unit of work with its own output file: a WebDataset tar (`tar`), or a list of (id, file) `items`."""
+
+    name: str
+    tar: str | None = None
+    items: tuple[tuple[ImageId, str], ...] = ()
+
+
+@dataclass
+class Item:
+    """One input image: its id, its position in its shard, and either a file path or the bytes of a tar member."""
+
+    image_id: ImageId
+    position: int
+    path: str | None = None
+    data: bytes | None = None
+    name: str = ""
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand `{a,b}` alternatives and `{000..099}` ranges (zero-padded as written), left to right."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        return [pattern]  # a literal brace in a file name
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def _as_id(value: str) -> ImageId:
+    return int(value) if value.isdigit() else value
+
+
+def _is_tar(path: str) -> bool:
+    return path.endswith(".tar")
+
+
+def _resolve(pattern: str) -> list[str]:
+    """Brace-expand, then glob what does not exist as written; a pattern matching nothing is an error."""
+    paths = []
+    for candidate in expand_braces(pattern):
+        if Path(candidate).exists():
+            paths.append(candidate)
+        elif glob.has_magic(candidate):
+            matches = sorted(glob.glob(candidate))
+            if not matches:
+                raise SmallCapError(f"{candidate}: no files match this pattern")
+            paths.extend(matches)
+        else:
+            raise SmallCapError(f"{candidate}: no such file or directory")
+    return paths
+
+
+def read_path_table(path: str | Path, images_dir: str | Path | None = None) -> list[tuple[ImageId, str]]:
+    """(id, file) pairs from a Parquet/CSV/TSV table with a path column and optionally an id column."""
+    path = Path(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SmallCapError(f"reading {path} needs pyarrow: pip install 'smallcap[parquet]'") from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several unrelated types for a bad file
+            raise SmallCapError(f"{path}: not readable as Parquet ({error})") from None
+        columns = list(rows[0]) if rows else []
+    else:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    path_column = next((name for name in PATH_COLUMNS if name in columns), None)
+    if path_column is None:
+        raise SmallCapError(f"{path}: no image path column (expected one of {', '.join(PATH_COLUMNS)}; "
+                            f"columns: {', '.join(map(str, columns)) or 'none'})")
+    id_column = next((name for name in ID_COLUMNS if name in columns), None)
+    root = Path(images_dir) if images_dir is not None else path.parent
+    pairs = []
+    for number, row in enumerate(rows, start=2 if path.suffix.lower() in (".csv", ".tsv") else 0):
+        if not row.get(path_column):
+            raise SmallCapError(f"{path}: row {number} has an empty {path_column!r}")
+        file = root / str(row[path_column])
+        if id_column is not None and row.get(id_column) not in (None, ""):
+            image_id = row[id_column]
+            image_id = _as_id(image_id) if isinstance(image_id, str) else image_id
+        else:
+            image_id = _as_id(file.stem)
+        pairs.append((image_id, str(file)))
+    return pairs
+
+
+def _loose_items(path: str, split: str | None, images_dir: str | None, format: str | None):
+    from smallcap.prediction import dataset_images
+
+    suffix = Path(path).suffix.lower()
+    if Path(path).is_dir():
+        return [(image_id, str(file)) for image_id, file in dataset_images(path)]
+    if suffix in IMAGE_EXTENSIONS or suffix in video.VIDEO_EXTENSIONS:
+        return [(_as_id(Path(file).stem), str(file)) for file in expand_inputs([path])]
+    if suffix in TABLE_EXTENSIONS and format is None:
+        return read_path_table(path, images_dir)
+    return [(image_id, str(file)) for image_id, file in dataset_images(path, split, images_dir, format)]
+
+
+def plan_shards(inputs: Sequence[str], *, split: str | None = None, images_dir: str | None = None,
+                format: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> list[InputShard]:
+    """The input shards of a job, in input order: one per tar, the other items grouped `shard_size` at a time.
+
+    Raises SmallCapError for a missing input, a pattern that matches nothing, or an id given twice.
+    """
+    if shard_size < 1:
+        raise SmallCapError(f"shard size must be at least 1 (got {shard_size})")
+    shards: list[InputShard] = []
+    loose: list[tuple[ImageId, str]] = []
+    seen: dict[str, str] = {}
+    tar_names: set[str] = set()
+
+    def flush() -> None:
+        for start in range(0, len(loose), shard_size):
+            shards.append(InputShard(f"part-{len(shards):05d}", items=tuple(loose[start:start + shard_size])))
+        loose.clear()
+
+    for pattern in inputs:
+        for path in _resolve(str(pattern)):
+            if _is_tar(path):
+                flush()
+                name = base = f"tar-{Path(path).stem}"
+                while name in tar_names:  # the same stem in two folders
+                    name = f"{base}-{len(tar_names)}"
+                tar_names.add(name)
+                shards.append(InputShard(name, tar=path))
+                continue
+            for image_id, file in _loose_items(path, split, images_dir, format):
+                if str(image_id) in seen:
+                    raise SmallCapError(f"image id {image_id!r} is given twice: {seen[str(image_id)]} and {file}")
+                seen[str(image_id)] = file
+                loose.append((image_id, file))
+    flush()
+    if not shards:
+        raise SmallCapError(f"no images in {', '.join(map(str, inputs))}")
+    return shards
+
+
+def read_shard(shard: InputShard) -> Iterator[Item]:
+    """The items of a shard in order. A tar yields its image members (grouped by key, the part of the member
+    name before the first dot of its base name); a key with no image is skipped, a key with two images is an
+    error."""
+    if shard.tar is None:
+        for position, (image_id, path) in enumerate(shard.items):
+            yield Item(image_id, position, path=path, name=path)
+        return
+    try:
+        archive = tarfile.open(shard.tar, mode="r:*")
+    except (OSError, tarfile.TarError) as error:
+        raise SmallCapError(f"{shard.tar}: not a readable tar file ({error})") from None
+    position, seen = 0, set()
+    with archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            directory, _, base = member.name.rpartition("/")
+            key, _, extension = base.partition(".")
+            if "." + extension.lower().rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
+                continue  # captions, metadata and other files of the sample
+            key = f"{directory}/{key}" if directory else key
+            if key in seen:
+                raise SmallCapError(f"{shard.tar}: sample {key!r} has more than one image ({member.name})")
+            seen.add(key)
+            data = archive.extractfile(member).read()
+            yield Item(key, position, data=data, name=f"{shard.tar}:{member.name}")
+            position += 1
+
+
+def open_item(item: Item, options=None):
+    """The item as an RGB PIL image (a video file becomes its tiled frames); SmallCapError if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    from smallcap.images import load_image
+
+    if item.path is not None:
+        return load_image(item.path, options)
+    try:
+        with Image.open(io.BytesIO(item.data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise SmallCapError(f"{item.name}: unreadable image ({error})") from None
