@@ -231,8 +231,9 @@ def test_ray_datastore_build_matches_single_process(cluster, tmp_path):
         manifest["inputs"] = [{**item, "path": Path(item["path"]).name} for item in manifest["inputs"]]
     assert manifests[0] == manifests[1]
     vectors = [faiss.read_index(str(tmp_path / side / "index.faiss")) for side in ("ray", "local")]
-    assert np.array_equal(vectors[0].reconstruct_n(0, vectors[0].ntotal), vectors[1].reconstruct_n(0, vectors[1].ntotal))
-    queries = vectors[1].reconstruct_n(0, 50) + np.random.default_rng(0).normal(0, 0.05, (50, vectors[1].d)).astype(np.float32)
+    rows = [index.reconstruct_n(0, index.ntotal) for index in vectors]
+    assert np.array_equal(rows[0], rows[1])
+    queries = rows[1][:50] + np.random.default_rng(0).normal(0, 0.05, (50, rows[1].shape[1])).astype(np.float32)
     assert distributed.search(queries, 8).captions == local.search(queries, 8).captions
 
 

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from smallcap.decoders import FAMILIES
 from smallcap.errors import MissingExtraError, SmallCapError
 from smallcap.hub import DEFAULT_MODEL
 from smallcap.generation import GenerationSettings, generate
-from smallcap.images import ImageInput, VideoOptions, describe, load_image
+from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, VideoOptions, describe, load_image
 from smallcap.modeling import SmallCap, load_smallcap
 from smallcap.prompt import clean_caption, load_tokenizer, prompt_ids
 
-# Published SmallCap checkpoints ship neither tokenizer nor image processor: they come from the base models.
-DEFAULT_DECODER = "gpt2"
+# Published SmallCap checkpoints ship neither tokenizer nor image processor: they come from the base models
+# (the tokenizer, failing that, is the decoder family's default, see `smallcap.decoders.FAMILIES`).
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
 
 # A retriever maps a batch of images (and the model's encoder states for them) to retrieved captions.
@@ -69,7 +71,8 @@ class Captioner:
 
     def __init__(self, model: SmallCap, tokenizer, image_processor, retriever: Retriever | None = None,
                  k: int | None = None, use_retrieval: bool | None = None,
-                 settings: GenerationSettings | None = None, video: VideoOptions | None = None):
+                 settings: GenerationSettings | None = None, video: VideoOptions | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -78,6 +81,11 @@ class Captioner:
         self.use_retrieval = bool(getattr(model.config, "rag", True)) if use_retrieval is None else use_retrieval
         self.settings = settings or GenerationSettings()
         self.video = video or VideoOptions()
+        self.max_image_pixels = max_image_pixels
+        if self.k < 1:
+            raise SmallCapError(f"k (retrieved captions in the prompt) must be at least 1, got {self.k}")
+        self.settings.check()
+        self._warned_prompt_cap = False
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, *, tokenizer: str | None = None,
@@ -97,7 +105,10 @@ class Captioner:
         directory = local_snapshot(str(model))
         smallcap = load_smallcap(directory, **({"dtype": dtype} if dtype else {})).to(device)
         config = smallcap.config
-        tok = _load_with_fallback(load_tokenizer, [tokenizer, directory, _base_name(config.decoder, DEFAULT_DECODER)],
+        decoder_type = config.decoder.model_type
+        default_tokenizer = FAMILIES[decoder_type].default_tokenizer
+        tok = _load_with_fallback(lambda name: load_tokenizer(name, decoder_type),
+                                  [tokenizer, directory, _base_name(config.decoder, default_tokenizer), default_tokenizer],
                                   "tokenizer")
         processor = _load_with_fallback(
             AutoImageProcessor.from_pretrained,
@@ -121,14 +132,50 @@ class Captioner:
 
     def caption_encoded(self, encoder_states: torch.Tensor, retrieved: Sequence[Sequence[str]] | None) -> list[str]:
         """Captions for precomputed encoder states (e.g. from a feature cache), one per row."""
-        prompts = [prompt_ids(self.tokenizer, None if retrieved is None else caps, self.k)
+        prompts = [self._fitting_prompt(None if retrieved is None else caps)[0]
                    for caps in (retrieved if retrieved is not None else [None] * len(encoder_states))]
         new_ids = generate(self.model, prompts, encoder_hidden_states=encoder_states, settings=self.settings)
         return [clean_caption(self.tokenizer, ids, self.model.config.eos_token_id) for ids in new_ids]
 
+    def context_size(self) -> int | None:
+        """The decoder's number of positions (prompt + caption must fit), if the config says."""
+        decoder = self.model.config.decoder
+        return getattr(decoder, "n_positions", None) or getattr(decoder, "max_position_embeddings", None)
+
+    def _fitting_prompt(self, retrieved: Sequence[str] | None) -> tuple[list[int], int]:
+        """Prompt ids with up to k retrieved captions, fewer (with a warning, once) when the prompt and
+        `max_new_tokens` would not fit the decoder's context; and how many captions it holds."""
+        ids = prompt_ids(self.tokenizer, retrieved, self.k)
+        used = min(self.k, len(retrieved or []))
+        limit = self.context_size()
+        if limit is None or len(ids) + self.settings.max_new_tokens <= limit:
+            return ids, used
+        while used > 1 and len(ids) + self.settings.max_new_tokens > limit:
+            used -= 1
+            ids = prompt_ids(self.tokenizer, retrieved, used)
+        if len(ids) + self.settings.max_new_tokens > limit:
+            raise SmallCapError(f"the prompt ({len(ids)} tokens) plus max_new_tokens={self.settings.max_new_tokens} "
+                                f"does not fit the model's {limit}-token context; lower --max-new-tokens")
+        if not self._warned_prompt_cap:
+            print(f"warning: k={self.k} retrieved captions do not fit the model's {limit}-token context with "
+                  f"max_new_tokens={self.settings.max_new_tokens}; using the first {used} where needed "
+                  "(pass a smaller --k to silence this)", file=sys.stderr)
+            self._warned_prompt_cap = True
+        return ids, used
+
     def __call__(self, images: Sequence[ImageInput] | ImageInput, retrieved: Sequence[Sequence[str]] | None = None,
                  batch_size: int = 8, progress: bool = False) -> list[CaptionResult]:
         """Caption `images`; an input that cannot be read gets a result with `error` set, the rest still run."""
+        if isinstance(images, (str, os.PathLike, Image.Image)) or getattr(images, "ndim", 0) == 3:
+            images = [images]
+        return [result for batch in self.iter_batches(images, retrieved, batch_size, progress) for result in batch]
+
+    def iter_batches(self, images: Sequence[ImageInput], retrieved: Sequence[Sequence[str]] | None = None,
+                     batch_size: int = 8, progress: bool = False) -> Iterator[list[CaptionResult]]:
+        """Caption `images` batch by batch, yielding each batch's results as soon as they are done (so a
+        caller can save them before the next batch starts)."""
+        if batch_size < 1:
+            raise SmallCapError(f"batch size must be at least 1, got {batch_size}")
         if isinstance(images, (str, os.PathLike, Image.Image)) or getattr(images, "ndim", 0) == 3:
             images = [images]
         images = list(images)
@@ -138,16 +185,22 @@ class Captioner:
             raise SmallCapError("this model was trained with retrieved captions in its prompt: give them "
                                 "(--retrieved FILE / retrieved=...), attach a datastore (--datastore DIR), "
                                 "or disable retrieval (--no-retrieval / use_retrieval=False)")
-        results: list[CaptionResult] = []
+        if retrieved is not None and self.use_retrieval:
+            empty = [describe(source, index) for index, (source, caps) in enumerate(zip(images, retrieved)) if not caps]
+            if empty:
+                raise SmallCapError(f"empty list of retrieved captions for {', '.join(empty[:3])}"
+                                    f"{' ...' if len(empty) > 3 else ''}; the prompt needs at least one "
+                                    "(or caption without retrieval: --no-retrieval / use_retrieval=False)")
         bar = tqdm(total=len(images), desc="captioning", unit="image", disable=not progress)
         for start in range(0, len(images), batch_size):
             batch = [(index, describe(source, index), source)
                      for index, source in enumerate(images[start:start + batch_size], start)]
+            results: list[CaptionResult] = []
             loaded, ok = [], []
-            for index, name, source in batch:
+            for position, (index, name, source) in enumerate(batch):
                 try:
-                    loaded.append(load_image(source, self.video))
-                    ok.append(index)
+                    loaded.append(load_image(source, self.video, max_pixels=self.max_image_pixels))
+                    ok.append(position)
                     results.append(CaptionResult(name, None))
                 except MissingExtraError:  # the environment, not this input: every video would fail alike
                     raise
@@ -155,10 +208,10 @@ class Captioner:
                     results.append(CaptionResult(name, None, error=str(error)))
             if loaded:
                 self._caption_batch(loaded, [results[i] for i in ok],
-                                    None if retrieved is None else [retrieved[i] for i in ok])
+                                    None if retrieved is None else [retrieved[batch[i][0]] for i in ok])
             bar.update(len(batch))
+            yield results
         bar.close()
-        return results
 
     def _caption_batch(self, images: list[Image.Image], results: list[CaptionResult],
                        retrieved: list[Sequence[str]] | None) -> None:
@@ -168,4 +221,4 @@ class Captioner:
         captions = self.caption_encoded(states, retrieved)
         for index, (result, caption) in enumerate(zip(results, captions)):
             result.caption = caption
-            result.retrieved = [] if retrieved is None else list(retrieved[index][:self.k])
+            result.retrieved = [] if retrieved is None else list(retrieved[index][:self._fitting_prompt(retrieved[index])[1]])

@@ -26,6 +26,14 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0
     do_sample: bool = False
 
+    def check(self) -> None:
+        """Raise SmallCapError for settings `generate` cannot run with (beams or new tokens below 1)."""
+        from smallcap.errors import SmallCapError
+
+        for name in ("num_beams", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise SmallCapError(f"{name} must be at least 1, got {getattr(self, name)}")
+
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `model.generate`."""
         kwargs = asdict(self)

@@ -14,7 +14,10 @@ An existing local path of the same name takes precedence over a short name.
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 from smallcap.errors import SmallCapError
@@ -98,9 +101,45 @@ def resolve_pretrained(name: str, what: str = "model") -> str:
     if is_offline():
         raise SmallCapError(
             f"{what} {name!r} is a Hugging Face Hub id, it is not in the local cache, and the Hub is offline "
-            "(HF_HUB_OFFLINE is set). Download it once with network access, or pass a local checkpoint "
-            "directory instead.")
+            f"(HF_HUB_OFFLINE is set). Download it once with network access, or {way_out(what)}.")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise SmallCapError(
+            f"{what} {name!r} is a Hugging Face Hub id, it is not in the local cache, and the Hub cannot be reached "
+            f"({unreachable}). Download it once with network access, or {way_out(what)}. "
+            "(Set HF_HUB_OFFLINE=1 to skip this check.)")
     return name
+
+
+def way_out(what: str) -> str:
+    """What the user can pass instead of a Hub download of `what`, for error messages."""
+    if "tokenizer" in what:
+        return ("pass a local tokenizer directory (--tokenizer DIR), the model whose tokenizer to use (--model mini "
+                "for the bundled one), or --max-tokens 0 to build a datastore without the length filter")
+    if "SmallCap" in what:
+        return "pass a local checkpoint directory, or --model mini for the bundled model"
+    if "encoder" in what:
+        return "pass a local CLIP directory, or mini-clip for the bundled one"
+    return "pass a local directory instead"
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached (one TCP connection attempt to HF_ENDPOINT), or None when it can.
+
+    Lets a machine without network fail in seconds instead of after the Hub client's retries. Behind a
+    proxy (HTTPS_PROXY/ALL_PROXY set) the check is skipped and the Hub client decides.
+    """
+    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{host}:{port}: {error.strerror or error}"
+    return None
 
 
 class explain_load_errors:
@@ -116,8 +155,7 @@ class explain_load_errors:
         if exc is None or isinstance(exc, SmallCapError) or not isinstance(exc, (OSError, ValueError, KeyError)):
             return False
         hint = ("" if Path(self.name).exists() else
-                " If there is no network here, pass a local checkpoint directory (or set HF_HUB_OFFLINE=1 "
-                "to fail fast).")
+                f" If there is no network here, {way_out(self.what)} (and set HF_HUB_OFFLINE=1 to fail fast).")
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SmallCapError(f"could not load {self.what} {self.name!r}: {first_line}.{hint}") from exc
 

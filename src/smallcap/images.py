@@ -13,6 +13,10 @@ from PIL import Image, UnidentifiedImageError
 from smallcap import video
 from smallcap.errors import SmallCapError
 
+# Pillow's own decompression-bomb threshold (about 89.5 million pixels, a 9459x9459 image); larger images are
+# refused from their header alone, before any pixel is decoded.
+DEFAULT_MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -70,10 +74,12 @@ def array_to_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array).convert("RGB")
 
 
-def load_image(source: ImageInput, video_options: VideoOptions | None = None) -> Image.Image:
+def load_image(source: ImageInput, video_options: VideoOptions | None = None,
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Load one input as an RGB image; a video file (recognised by content) becomes its tiled frames.
 
-    Raises SmallCapError naming the file and the reason when it cannot be read.
+    An image file with more than `max_pixels` pixels (None: no limit) is refused from its header, so memory
+    stays bounded. Raises SmallCapError naming the file and the reason when it cannot be read.
     """
     if isinstance(source, Image.Image):
         return source.convert("RGB")
@@ -93,10 +99,30 @@ def load_image(source: ImageInput, video_options: VideoOptions | None = None) ->
             video.save_tile(tile, path, options.save_tiles)
         return tile
     try:
-        with Image.open(path) as image:
+        with _pixel_limit(max_pixels), Image.open(path) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise SmallCapError(f"{path}: {width}x{height} image has {width * height:,} pixels, more than the "
+                                    f"{max_pixels:,}-pixel limit (raise it with --max-image-pixels)")
             image.load()
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise SmallCapError(f"{path}: not an image file (unrecognised format)") from None
     except OSError as error:
         raise SmallCapError(f"{path}: unreadable image ({error})") from None
+
+
+class _pixel_limit:
+    """Pillow's bomb check replaced by ours while opening: `max_pixels` is checked from the header instead
+    (Pillow would warn above its limit and refuse above twice it, whatever the user set)."""
+
+    def __init__(self, max_pixels: int | None):
+        self.max_pixels = max_pixels
+
+    def __enter__(self):
+        self.saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        Image.MAX_IMAGE_PIXELS = self.saved

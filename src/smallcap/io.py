@@ -57,9 +57,11 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it replaces `path`, on error it is removed.
 
-    With `overwrite=False` an existing `path` is an error, so finished output is never clobbered.
+    With `overwrite=False` an existing `path` is an error, so finished output is never clobbered. With
+    `overwrite=True` the old directory stays in place until the new one is complete: it is renamed aside,
+    the new one renamed in, and only then the old one deleted (callers decide what may be replaced).
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,60 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
+        old = None
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old / path.name, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_file(path: str | os.PathLike, option: str = "output") -> Path:
+    """Check before any work that `path` can be written as a file: not a directory, its folder exists (or can be
+    created under an existing one) and is writable. Raises SmallCapError naming `option` otherwise."""
+    from smallcap.errors import SmallCapError
+
+    path = Path(path)
+    if path.is_dir():
+        raise SmallCapError(f"{option} {path} is a directory; give a file name (e.g. {path / 'captions.jsonl'})")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SmallCapError(f"{option} {path} is not writable")
+    _check_writable_parent(path, option)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "output directory") -> Path:
+    """Check before any work that `path` can be used as an output directory: not a file, and it or its nearest
+    existing parent is a writable directory. Raises SmallCapError naming `option` otherwise."""
+    from smallcap.errors import SmallCapError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SmallCapError(f"{option} {path} is a file, not a directory")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SmallCapError(f"{option} {path} is not writable")
+        return path
+    _check_writable_parent(path, option)
+    return path
+
+
+def _check_writable_parent(path: Path, option: str) -> None:
+    from smallcap.errors import SmallCapError
+
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SmallCapError(f"{option} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SmallCapError(f"{option} {path}: cannot write in {parent} (permission denied)")

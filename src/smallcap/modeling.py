@@ -1,8 +1,9 @@
-"""The SmallCap model: a frozen CLIP vision tower, a frozen GPT-2, and small reduced cross-attention layers.
+"""The SmallCap model: a frozen CLIP vision tower, a frozen decoder LM, and small reduced cross-attention layers.
 
 Built on transformers' `VisionEncoderDecoderModel` and `GPT2LMHeadModel`, subclassed only where SmallCap
 differs: the cross-attention's inner width is `hidden / r` and its key/value input is the *encoder* width,
 the prompt is the decoder start (no start token is prepended), and reference checkpoints load unchanged.
+The OPT and XGLM decoders are in `smallcap.decoders`; `decoder_class` picks one from the decoder config.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -26,6 +28,9 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.gpt2.modeling_gpt2 import Conv1D, GPT2Attention
 
+from smallcap.decoders import family_of, supported_families
+from smallcap.decoders.opt import SmallCapOPTConfig, SmallCapOPTDecoder
+from smallcap.decoders.xglm import SmallCapXGLMConfig, SmallCapXGLMDecoder
 from smallcap.errors import SmallCapError
 
 PAD_TOKEN_ID = 0  # "!"
@@ -36,7 +41,7 @@ REDUCE_FACTORS = (1, 2, 4, 8, 16)
 _OBSOLETE_BUFFER_SUFFIXES = (
     ".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias",
 )
-_OBSOLETE_BUFFER_KEYS = ("encoder.embeddings.position_ids",)
+_OBSOLETE_BUFFER_KEYS = ("encoder.embeddings.position_ids", "decoder.model.embed_positions.weights")
 
 
 class SmallCapDecoderConfig(GPT2Config):
@@ -82,12 +87,25 @@ class SmallCapDecoder(GPT2LMHeadModel):
     """GPT-2 language model whose blocks cross-attend to the image through `ReducedCrossAttention`."""
 
     config_class = SmallCapDecoderConfig
+    cross_attention_marker = "crossattention"  # the reference trains every parameter whose name contains this
 
     def __init__(self, config: SmallCapDecoderConfig):
         super().__init__(config)
         for index, block in enumerate(self.transformer.h):
             block.crossattention = ReducedCrossAttention(config, layer_idx=index)
         self.post_init()
+
+
+DECODER_CLASSES = {"this_gpt2": SmallCapDecoder, "this_opt": SmallCapOPTDecoder, "this_xglm": SmallCapXGLMDecoder}
+DECODER_CONFIGS = {"this_gpt2": SmallCapDecoderConfig, "this_opt": SmallCapOPTConfig, "this_xglm": SmallCapXGLMConfig}
+
+
+def decoder_class(config) -> type:
+    """The SmallCap decoder class for a decoder config (or its dict), chosen by its `model_type`."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type not in DECODER_CLASSES:
+        raise SmallCapError(f"unsupported SmallCap decoder {model_type!r}; supported families: {supported_families()}")
+    return DECODER_CLASSES[model_type]
 
 
 class SmallCapConfig(VisionEncoderDecoderConfig):
@@ -106,6 +124,8 @@ class SmallCapConfig(VisionEncoderDecoderConfig):
     retrieval_encoder: str | None = None
 
     def __post_init__(self, **kwargs):
+        if self.decoder is not None:
+            decoder_class(self.decoder)  # an unsupported family fails here, not with transformers' list of all types
         if isinstance(self.encoder, dict) and self.encoder.get("model_type") == "clip":
             self.encoder = CLIPConfig(**self.encoder).vision_config
         elif isinstance(self.encoder, CLIPConfig):
@@ -120,9 +140,9 @@ class SmallCapConfig(VisionEncoderDecoderConfig):
 
 
 class SmallCap(VisionEncoderDecoderModel):
-    """SmallCap: image -> CLIP vision states (before post-layernorm) -> GPT-2 with reduced cross-attention.
+    """SmallCap: image -> CLIP vision states (before post-layernorm) -> decoder LM with reduced cross-attention.
 
-    Only `crossattention.{c_attn,q_attn,c_proj}` are trainable (see `freeze_for_training`).
+    Only the cross-attention is trainable (see `freeze_for_training`).
     """
 
     config_class = SmallCapConfig
@@ -132,16 +152,16 @@ class SmallCap(VisionEncoderDecoderModel):
         if encoder is None:
             encoder = CLIPVisionModel(config.encoder)
         if decoder is None:
-            decoder = SmallCapDecoder(config.decoder)
+            decoder = decoder_class(config.decoder)(config.decoder)
         super().__init__(config=config, encoder=encoder, decoder=decoder)
         self.freeze_for_training()
 
     @classmethod
     def from_encoder_decoder_pretrained(cls, encoder_name_or_path: str, decoder_name_or_path: str,
                                         cross_attention_reduce_factor: int = 4, **kwargs) -> "SmallCap":
-        """Build a new SmallCap from a pretrained CLIP (full or vision-only) and a GPT-2-family decoder.
+        """Build a new SmallCap from a pretrained CLIP (full or vision-only) and a GPT-2, OPT or XGLM decoder.
 
-        The cross-attention layers are new (randomly initialised); everything else is the pretrained weights.
+        The family comes from the decoder's config (`model_type`). The cross-attention layers are new (randomly initialised); everything else is the pretrained weights.
         """
         from smallcap.hub import explain_load_errors, resolve_pretrained
 
@@ -153,27 +173,30 @@ class SmallCap(VisionEncoderDecoderModel):
             encoder = CLIPVisionModel.from_pretrained(encoder_name_or_path)
         with explain_load_errors(decoder_name_or_path, "decoder"):
             base = AutoConfig.from_pretrained(decoder_name_or_path)
-            if base.model_type not in ("gpt2", "this_gpt2"):
+            family = family_of(base.model_type)
+            if family is None:
                 raise SmallCapError(f"decoder {decoder_name_or_path!r} is a {base.model_type!r} model; "
-                                    "SmallCap needs a GPT-2-family decoder (gpt2, gpt2-medium, distilgpt2, ...)")
-            decoder_config = SmallCapDecoderConfig(
+                                    f"supported families: {supported_families()}")
+            decoder_config = DECODER_CONFIGS[family](
                 **{k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures")},
                 cross_attention_reduce_factor=cross_attention_reduce_factor,
                 encoder_hidden_size=encoder.config.hidden_size,
             )
-            decoder = SmallCapDecoder.from_pretrained(decoder_name_or_path, config=decoder_config)
+            decoder = DECODER_CLASSES[family].from_pretrained(decoder_name_or_path, config=decoder_config)
         config = SmallCapConfig(encoder=encoder.config.to_dict(), decoder=decoder.config.to_dict(), **kwargs)
         return cls(config, encoder=encoder, decoder=decoder)
 
     def freeze_for_training(self, train_decoder: bool = False) -> None:
-        """Freeze everything but the cross-attention projections (the reference's substring rule).
+        """Freeze everything but the cross-attention (the reference's substring rule, per decoder family).
 
-        `ln_cross_attn` stays frozen at its initial value, as in the reference. With `train_decoder` the whole
-        decoder is trainable (the encoder stays frozen).
+        GPT-2's `ln_cross_attn` stays frozen at its initial value, while OPT's and XGLM's
+        `encoder_attn_layer_norm` is trained, as in the reference. With `train_decoder` the whole decoder is
+        trainable (the encoder stays frozen).
         """
+        marker = self.decoder.cross_attention_marker
         for name, parameter in self.named_parameters():
             in_decoder = name.startswith("decoder.")
-            parameter.requires_grad = in_decoder and (train_decoder or "crossattention" in name)
+            parameter.requires_grad = in_decoder and (train_decoder or marker in name)
 
     def num_trainable_parameters(self) -> int:
         """Number of parameters that receive gradients."""
@@ -188,9 +211,10 @@ class SmallCap(VisionEncoderDecoderModel):
             batch_size, model_input_name, model_kwargs, decoder_start_token_id, device)
 
 
-AutoConfig.register("this_gpt2", SmallCapDecoderConfig, exist_ok=True)
+for _model_type, _config_class in DECODER_CONFIGS.items():
+    AutoConfig.register(_model_type, _config_class, exist_ok=True)
+    AutoModelForCausalLM.register(_config_class, DECODER_CLASSES[_model_type], exist_ok=True)
 AutoConfig.register("smallcap", SmallCapConfig, exist_ok=True)
-AutoModelForCausalLM.register(SmallCapDecoderConfig, SmallCapDecoder, exist_ok=True)
 AutoModel.register(SmallCapConfig, SmallCap, exist_ok=True)
 # No `register_for_auto_class`: it would copy this file into every checkpoint as remote code, and that copy
 # cannot run without the smallcap package, whose import registers the classes above anyway.
@@ -222,7 +246,12 @@ def load_smallcap(name_or_path: str | os.PathLike, **kwargs) -> SmallCap:
     with explain_load_errors(name, "SmallCap model"):
         config = SmallCapConfig.from_pretrained(name)
         _check_is_smallcap(config, name)
-        model = SmallCap.from_pretrained(name, config=config, **kwargs)
+        try:
+            model = SmallCap.from_pretrained(name, config=config, **kwargs)
+        except SafetensorError as error:
+            weights = directory / "model.safetensors" if directory.is_dir() else f"{name}'s model.safetensors"
+            raise SmallCapError(f"{weights} is damaged or incomplete ({str(error).splitlines()[0]}); download or "
+                                "copy the checkpoint again") from None
     model.freeze_for_training()  # loading replaces parameters, which resets requires_grad
     return model.eval()
 

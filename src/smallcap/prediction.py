@@ -66,6 +66,15 @@ def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir
     return list(pairs.items())
 
 
+def _read_output(path: Path) -> dict[str, str]:
+    """Captions of a finished predictions file (empty if there is none or it is not one)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        return {str(row["image_id"]): row["caption"] for row in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _read_partial(path: Path) -> dict[str, str]:
     done = {}
     if path.exists():
@@ -78,24 +87,65 @@ def _read_partial(path: Path) -> dict[str, str]:
     return done
 
 
-def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output: str | os.PathLike,
-            retrieved: dict[str, list[str]] | None = None, features=None, batch_size: int = 16,
-            progress: bool = True) -> PredictionReport:
-    """Caption `images` and write `[{"image_id", "caption"}]` to `output` atomically.
+def settings_path(output: str | os.PathLike) -> Path:
+    """Where `predict` records the settings a predictions file is made with: `PREDS.json.settings.json`."""
+    output = Path(output)
+    return output.with_name(output.name + ".settings.json")
 
-    Progress is appended to `output.partial.jsonl`, so an interrupted run continues where it stopped. With
-    `features` (a FeatureCache of this model's encoder), cached encoder states replace the vision forward pass
-    when the prompt needs no images (retrieved captions given, or no retrieval).
-    """
+
+def check_resume_settings(output: str | os.PathLike, settings: dict, overwrite: bool = False) -> None:
+    """Before any work: record `settings` for `output`, or refuse when an earlier run (finished or not) made it
+    with other settings. With `overwrite` the earlier run's progress is discarded instead."""
     output = Path(output)
     partial = output.with_name(output.name + ".partial.jsonl")
-    done = _read_partial(partial)
+    record = settings_path(output)
+    if overwrite:
+        partial.unlink(missing_ok=True)
+    elif record.exists():
+        try:
+            earlier = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SmallCapError(f"{record}: unreadable settings of an earlier run ({error}); pass --overwrite to "
+                                "start again") from None
+        changed = {key: (earlier.get(key), value) for key, value in settings.items() if earlier.get(key) != value}
+        if changed and (output.exists() or partial.exists()):
+            detail = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changed.items())
+            raise SmallCapError(f"{output} was made with other settings ({detail}); resuming would mix two "
+                                "configurations in one file. Write to a new --out, or pass --overwrite to start again")
+    elif output.exists() or partial.exists():
+        print(f"warning: {output} has no record of the settings it was made with ({record.name}); resuming it "
+              "as if they were the same", file=sys.stderr)
+    atomic_write_json(record, settings)
+
+
+def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output: str | os.PathLike,
+            retrieved: dict[str, list[str]] | None = None, features=None, batch_size: int = 16,
+            progress: bool = True, overwrite: bool = False) -> PredictionReport:
+    """Caption `images` and write `[{"image_id", "caption"}]` to `output` atomically.
+
+    Progress is appended to `output.partial.jsonl`, so an interrupted run continues where it stopped; images
+    already in a finished `output` are kept too. With `features` (a FeatureCache of this model's encoder), cached
+    encoder states replace the vision forward pass when the prompt needs no images (retrieved captions given,
+    or no retrieval). `overwrite` starts again, ignoring both.
+    """
+    if batch_size < 1:
+        raise SmallCapError(f"batch size must be at least 1, got {batch_size}")
+    output = Path(output)
+    partial = output.with_name(output.name + ".partial.jsonl")
+    if overwrite:
+        partial.unlink(missing_ok=True)
+    done = {} if overwrite else {**_read_output(output), **_read_partial(partial)}
     todo = [(image_id, path) for image_id, path in images if str(image_id) not in done]
     if retrieved is not None:
         missing = [str(i) for i, _ in todo if str(i) not in retrieved]
         if missing:
             raise SmallCapError(f"no retrieved captions for image ids {', '.join(missing[:5])}"
                                 f"{' ...' if len(missing) > 5 else ''}")
+        empty = [str(i) for i, _ in todo if not retrieved[str(i)]]
+        if empty and captioner.use_retrieval:
+            raise SmallCapError(f"empty list of retrieved captions for image ids {', '.join(empty[:5])}"
+                                f"{' ...' if len(empty) > 5 else ''}; the prompt needs at least one "
+                                "(or pass --no-retrieval)")
     use_features = features is not None and (retrieved is not None or not captioner.use_retrieval)
     failed: dict[str, str] = {}
     bar = tqdm(total=len(todo), desc="predicting", unit="image", disable=not progress, file=sys.stderr)

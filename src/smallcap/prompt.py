@@ -2,12 +2,15 @@
 
 Prompt and caption are encoded *separately* (the prompt ends with a lone space token, the caption starts
 with an unspaced word); re-encoding the joined string gives other ids and breaks published checkpoints.
+OPT and XGLM prompts start with "</s>" as the reference's tokenizers add it; GPT-2 prompts have no start token.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
+from smallcap.decoders import FAMILIES
 from smallcap.modeling import END_TOKEN_ID, PAD_TOKEN_ID
 
 TEMPLATE = "Similar images show\n\n||\n\nThis image shows "
@@ -17,21 +20,31 @@ MAX_CAPTION_TOKENS = 25
 IGNORE_INDEX = -100
 
 
-def load_tokenizer(name_or_path: str):
-    """Load a GPT-2 tokenizer and set SmallCap's pad `!` and end `.` tokens (no BOS is ever added)."""
+def load_tokenizer(name_or_path: str, decoder_type: str = "this_gpt2"):
+    """Load the tokenizer of a decoder family and set SmallCap's pad `!` and end `.` tokens.
+
+    `decoder_type` is the SmallCap decoder's `model_type` ("this_gpt2", "this_opt", "this_xglm"): it decides
+    whether prompts start with "</s>" (see `prompt_ids`).
+    """
     from transformers import AutoTokenizer, GPT2Tokenizer
 
-    from smallcap.hub import bundled_path, explain_load_errors
+    from smallcap.hub import bundled_path, explain_load_errors, resolve_pretrained
 
     name_or_path = str(bundled_path(name_or_path) or name_or_path)
+    if not Path(name_or_path).expanduser().is_dir():
+        name_or_path = resolve_pretrained(name_or_path, "tokenizer")
+    # An XGLM tokenizer saved with eos '.' would rebuild its post-processor as ". $A": load it with its own eos.
+    options = {"eos_token": "</s>"} if decoder_type == "this_xglm" else {}
     with explain_load_errors(name_or_path, "tokenizer"):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **options)
         except ValueError:  # bare vocab.json + merges.txt without a tokenizer config
             tokenizer = GPT2Tokenizer.from_pretrained(name_or_path)
+    start = "</s>" if FAMILIES[decoder_type].prompt_starts_with_eos else None
     tokenizer.pad_token = "!"
     tokenizer.eos_token = "."
     _encode_pad_and_end_as_plain_text(tokenizer)
+    tokenizer.smallcap_prompt_start = None if start is None else tokenizer.convert_tokens_to_ids(start)
     return tokenizer
 
 
@@ -61,8 +74,9 @@ def build_prompt(retrieved: Sequence[str] | None, k: int = 4) -> str:
 
 
 def prompt_ids(tokenizer, retrieved: Sequence[str] | None, k: int = 4) -> list[int]:
-    """Token ids of the prompt (no special tokens added)."""
-    return tokenizer.encode(build_prompt(retrieved, k), add_special_tokens=False)
+    """Token ids of the prompt: its text's ids, after "</s>" for the families whose reference prompts start so."""
+    start = getattr(tokenizer, "smallcap_prompt_start", None)
+    return ([] if start is None else [start]) + tokenizer.encode(build_prompt(retrieved, k), add_special_tokens=False)
 
 
 def caption_ids(tokenizer, caption: str, max_tokens: int = MAX_CAPTION_TOKENS) -> list[int]:
@@ -80,7 +94,7 @@ def training_example(tokenizer, caption: str, retrieved: Sequence[str] | None, k
     prompt = prompt_ids(tokenizer, retrieved, k)
     target = caption_ids(tokenizer, caption, max_caption_tokens)
     input_ids = prompt + target
-    labels = [IGNORE_INDEX] * (len(prompt) - 1) + target + [END_TOKEN_ID]
+    labels = [IGNORE_INDEX] * (len(prompt) - 1) + target + [tokenizer.eos_token_id]
     return input_ids, labels
 
 
@@ -92,12 +106,14 @@ def pad_right(rows: Sequence[Sequence[int]], value: int, length: int | None = No
     return [list(row) + [value] * (length - len(row)) for row in rows]
 
 
-def collate_training_examples(examples: Sequence[tuple[list[int], list[int]]], pad_to: int | None = None):
-    """Stack (input_ids, labels) pairs into right-padded tensors: inputs padded with `!`, labels with -100."""
+def collate_training_examples(examples: Sequence[tuple[list[int], list[int]]], pad_to: int | None = None,
+                              pad_token_id: int = PAD_TOKEN_ID):
+    """Stack (input_ids, labels) pairs into right-padded tensors: inputs padded with the family's `!` id
+    (`pad_token_id`, GPT-2's by default), labels with -100."""
     import torch
 
     inputs, labels = zip(*examples)
-    return (torch.tensor(pad_right(inputs, PAD_TOKEN_ID, pad_to)),
+    return (torch.tensor(pad_right(inputs, pad_token_id, pad_to)),
             torch.tensor(pad_right(labels, IGNORE_INDEX, pad_to)))
 
 

@@ -9,6 +9,7 @@ tokenizer and image processor next to it and a `training_state/` to resume from 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -155,7 +156,8 @@ def _train(config: TrainingConfig, accelerator) -> Path:
     micro_batch = config.batch_size // config.gradient_accumulation_steps
     sampler = EpochShuffle(len(dataset), config.seed)
     # Its own generator, so that starting an epoch's iterator never draws from the global (dropout) RNG.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_batch,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler,
+                                         collate_fn=functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id),
                                          num_workers=config.num_workers, generator=torch.Generator())
     batches_per_epoch = math.ceil(len(dataset) / micro_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
@@ -252,7 +254,9 @@ def _load_model(config: TrainingConfig, resume_dir: Path | None):
     model.freeze_for_training(train_decoder=config.train_decoder)
     source = str(resume_dir) if resume_dir else None
     decoder, encoder = (str(bundled_path(name) or name) for name in (config.decoder, config.encoder))
-    tokenizer = load_tokenizer(source or decoder)
+    tokenizer = load_tokenizer(source or decoder, model.config.decoder.model_type)
+    if not resume_dir:  # the family's pad '!' and end '.' ids (GPT-2's are the config defaults)
+        model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     # Checkpoints get the tokenizer as the decoder ships it: saved with eos '.', transformers 5 would reload '.'
     # as a special token and split '..' (id 492) into two ids; `load_tokenizer` sets '!' and '.' at load time.
     with explain_load_errors(source or decoder, "tokenizer"):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from smallcap.errors import SmallCapError
+from smallcap.modeling import PAD_TOKEN_ID
 from smallcap.prompt import MAX_CAPTION_TOKENS, collate_training_examples, training_example
 
 TRAIN_SPLITS = ("train", "restval")  # Karpathy's training images, as the reference used them
@@ -209,8 +210,10 @@ class CaptionDataset(torch.utils.data.Dataset):
         return {"encoder_hidden_states": states, "input_ids": input_ids, "labels": labels}
 
 
-def collate_batch(items: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Stack items into a batch padded to its own longest example (no fixed length budget)."""
-    input_ids, labels = collate_training_examples([(item["input_ids"], item["labels"]) for item in items])
+def collate_batch(items: Sequence[dict], pad_token_id: int = PAD_TOKEN_ID) -> dict[str, torch.Tensor]:
+    """Stack items into a batch padded to its own longest example (no fixed length budget); inputs are padded
+    with `pad_token_id`, the decoder family's `!` (GPT-2's by default)."""
+    input_ids, labels = collate_training_examples([(item["input_ids"], item["labels"]) for item in items],
+                                                  pad_token_id=pad_token_id)
     states = torch.stack([item["encoder_hidden_states"] for item in items])
     return {"encoder_hidden_states": states, "decoder_input_ids": input_ids, "labels": labels}

@@ -165,7 +165,11 @@ def read_frames(path: str | os.PathLike, n: int = DEFAULT_FRAMES, *, max_side: i
                 convert = _Converter(stream, max_side)
                 frames = _read_by_time(container, stream, targets, convert, seek=strategy != "sequential")
         if frames is None:
-            frames = _read_by_count(path, n, max_side, max_pixels)
+            frames, count, interval = _read_by_count(path, n, max_side, max_pixels)
+            if duration is not None and count * interval < 0.9 * duration:
+                warnings.warn(f"{path}: only {count} frames ({count * interval:.1f} s) could be read although the "
+                              f"file says it lasts {duration:.1f} s; it may be truncated or damaged, so the "
+                              "frames were sampled over the part that remains", stacklevel=2)
     except av.FFmpegError as error:
         raise SmallCapError(f"{path}: cannot decode video ({_reason(error)})") from error
     if not frames:
@@ -201,8 +205,9 @@ def _video_stream(container, path: Path, max_pixels: int):
         raise SmallCapError(f"{path}: has no video stream")
     stream = streams[0]
     if stream.codec_context is None:
-        raise SmallCapError(f"{path}: its video codec is not supported by this FFmpeg build (PyAV {av.__version__});"
-                            " re-encode it, e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`")
+        raise SmallCapError(f"{path}: its video stream cannot be decoded: the file is damaged or its codec is not "
+                            f"supported by this FFmpeg build (PyAV {av.__version__}); if it plays elsewhere, "
+                            "re-encode it, e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`")
     width, height = stream.codec_context.width, stream.codec_context.height
     if width * height > max_pixels:
         raise SmallCapError(f"{path}: resolution {width}x{height} is larger than the {max_pixels:,}-pixel limit; "
@@ -341,8 +346,10 @@ def _should_seek(stream, convert: _Converter, position: float | None, target: fl
     return any(entry.is_keyframe and low < entry.timestamp <= high for entry in entries)
 
 
-def _read_by_count(path: Path, n: int, max_side: int | None, max_pixels: int) -> list[VideoFrame]:
-    """Count the frames (demuxing only, no decoding), then decode from the start up to the chosen indices."""
+def _read_by_count(path: Path, n: int, max_side: int | None, max_pixels: int) -> tuple[list[VideoFrame], int, float]:
+    """Count the frames (demuxing only, no decoding), then decode from the start up to the chosen indices.
+
+    Returns the frames, the frame count and the frame interval in seconds."""
     with _open_video(path) as container:
         stream = _video_stream(container, path, max_pixels)
         count = sum(1 for packet in container.demux(stream) if packet.size)
@@ -362,7 +369,7 @@ def _read_by_count(path: Path, n: int, max_side: int | None, max_pixels: int) ->
             last = frame
         while last is not None and len(chosen) < n:  # fewer decodable frames than packets
             chosen.append(convert(last, 0.0))
-    return chosen
+    return chosen, count, convert.frame_interval
 
 
 # ------------------------------------------------------------------------------------------------- tiling

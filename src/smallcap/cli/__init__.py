@@ -21,6 +21,7 @@ COMMANDS = [
     "smallcap.cli.features",
     "smallcap.cli.train",
     "smallcap.cli.demo",
+    "smallcap.cli.serve",
 ]
 
 

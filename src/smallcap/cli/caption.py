@@ -6,7 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+from smallcap.cli.options import positive_int
 from smallcap.errors import SmallCapError
+
+PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS (not imported here so that --help starts fast)
 
 
 def register(subparsers) -> None:
@@ -15,7 +18,10 @@ def register(subparsers) -> None:
                                    description="Caption images and videos; directories are expanded to their files.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     add_captioner_arguments(parser)
-    parser.add_argument("--output", type=Path, metavar="FILE.jsonl", help="write one JSON line per image here")
+    parser.add_argument("--output", type=Path, metavar="FILE.jsonl",
+                        help="append one JSON line per image here as each batch finishes; a rerun skips the "
+                             "images already captioned in it")
+    parser.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming it")
     parser.set_defaults(func=run)
 
 
@@ -32,18 +38,23 @@ def add_captioner_arguments(parser) -> None:
                         help="retrieve from this caption datastore; repeat to combine several")
     parser.add_argument("--retrieval-encoder", default=None, metavar="NAME",
                         help="encoder for --datastore queries (default: the one the datastore was built with)")
-    parser.add_argument("--k", type=int, default=None, help="retrieved captions in the prompt (default: the model's, 4)")
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=16, help="images decoded together (default 16)")
+    parser.add_argument("--k", type=positive_int, default=None,
+                        help="retrieved captions in the prompt (default: the model's, 4)")
+    parser.add_argument("--num-beams", type=positive_int, default=3)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=25)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images decoded together (default 16)")
+    parser.add_argument("--max-image-pixels", type=positive_int, default=PIL_MAX_IMAGE_PIXELS, metavar="N",
+                        help="refuse (as a per-input error) images with more pixels than this, read from the file "
+                             "header (default: Pillow's limit, %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="model weights' precision (reduced precision may change some captions)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's")
     parser.add_argument("--image-processor", default=None, help="image processor to use instead of the model's")
-    parser.add_argument("--frames", type=int, default=4, help="video: frames sampled evenly over each clip")
-    parser.add_argument("--rows", type=int, default=None, help="video: rows of the frame grid (default 2 for 4 frames)")
-    parser.add_argument("--cols", type=int, default=None, help="video: columns of the frame grid")
+    parser.add_argument("--frames", type=positive_int, default=4, help="video: frames sampled evenly over each clip")
+    parser.add_argument("--rows", type=positive_int, default=None,
+                        help="video: rows of the frame grid (default 2 for 4 frames)")
+    parser.add_argument("--cols", type=positive_int, default=None, help="video: columns of the frame grid")
     parser.add_argument("--save-tiles", type=Path, metavar="DIR", help="video: write each tiled image here as PNG")
 
 
@@ -60,7 +71,7 @@ def captioner_options(args) -> dict:
         k=args.k, use_retrieval=False if args.no_retrieval else None,
         datastores=args.datastore, retrieval_encoder=args.retrieval_encoder,
         settings=GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens),
-        video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles))
+        video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles), max_image_pixels=args.max_image_pixels)
 
 
 def build_captioner(args):
@@ -73,10 +84,13 @@ def build_captioner(args):
 def retrieved_for(path: Path, table: dict[str, list[str]]) -> list[str]:
     """The entry for an image file: keyed by its stem, or by the stem's integer value (000000000139 -> 139)."""
     stem = path.stem
+    if stem.isdigit() and stem not in table and str(int(stem)) in table:
+        stem = str(int(stem))
     if stem in table:
+        if not table[stem]:
+            raise SmallCapError(f"{path}: the --retrieved file has an empty list for image id {stem!r}; the prompt "
+                                "needs at least one caption (or pass --no-retrieval)")
         return table[stem]
-    if stem.isdigit() and str(int(stem)) in table:
-        return table[str(int(stem))]
     raise SmallCapError(f"{path}: no retrieved captions for image id {stem!r} in the --retrieved file")
 
 
@@ -91,14 +105,54 @@ def print_table(results, stream) -> None:
             print(f"  {'retrieved:' if index == 0 else '':<10} {caption}", file=stream)
 
 
+def read_done(output: Path) -> set[str]:
+    """Inputs already captioned in a JSONL output (lines with a caption; errors and a cut-off last line are
+    done again)."""
+    done = set()
+    if output.exists():
+        for line in output.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("caption") is not None and "image" in row:
+                done.add(str(row["image"]))
+    return done
+
+
+def _open_output(output: Path, overwrite: bool):
+    """The JSONL file opened for appending (truncated with `overwrite`); a cut-off last line left by an
+    interruption is ended so the next line starts cleanly."""
+    cut_off = False
+    if not overwrite and output.exists() and output.stat().st_size:
+        with open(output, "rb") as existing:
+            existing.seek(-1, 2)
+            cut_off = existing.read(1) != b"\n"
+    handle = open(output, "w" if overwrite else "a", encoding="utf-8")
+    if cut_off:
+        handle.write("\n")
+    return handle
+
+
 def run(args) -> int:
     """Caption the inputs; exit code 1 if any input could not be captioned."""
     from smallcap.images import expand_inputs
-    from smallcap.io import atomic_write_text
+    from smallcap.io import check_output_file
 
+    if args.output:
+        check_output_file(args.output, "--output")
     paths = expand_inputs(args.inputs)
     if not paths:
         raise SmallCapError("no image files found in " + ", ".join(args.inputs))
+    if args.output and not args.overwrite:
+        done = read_done(args.output)
+        skipped = [path for path in paths if str(path) in done]
+        if skipped:
+            paths = [path for path in paths if str(path) not in done]
+            print(f"smallcap caption: {len(skipped)} inputs already captioned in {args.output}, skipped "
+                  "(--overwrite starts afresh)", file=sys.stderr)
+        if not paths:
+            return 0
     retrieved = None
     if args.retrieved:
         from smallcap.retrieval.datastore import load_retrieved
@@ -106,14 +160,22 @@ def run(args) -> int:
         table = load_retrieved(args.retrieved)
         retrieved = [retrieved_for(path, table) for path in paths]
     captioner = build_captioner(args)
-    results = captioner(paths, retrieved=retrieved, batch_size=args.batch_size, progress=len(paths) > args.batch_size)
-    lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in results)
-    if args.output:
-        atomic_write_text(args.output, lines)
-    elif sys.stdout.isatty():
-        print_table(results, sys.stdout)
-    else:
-        sys.stdout.write(lines)
+    batches = captioner.iter_batches(paths, retrieved=retrieved, batch_size=args.batch_size,
+                                     progress=len(paths) > args.batch_size)
+    results = []
+    table_view = not args.output and sys.stdout.isatty()
+    handle = _open_output(args.output, args.overwrite) if args.output else sys.stdout
+    try:
+        for batch in batches:
+            results += batch
+            if table_view:
+                print_table(batch, sys.stdout)
+            else:
+                handle.write("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in batch))
+            handle.flush()
+    finally:
+        if args.output:
+            handle.close()
     failed = [r for r in results if r.error]
     for result in failed:
         print(f"smallcap caption: {result.error}", file=sys.stderr)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from smallcap.cli.options import non_negative_int, positive_float, positive_int
 from smallcap.data import DATASTORE_SPLITS, FORMATS
+from smallcap.cli.caption import PIL_MAX_IMAGE_PIXELS
 from smallcap.errors import SmallCapError
 
+DEFAULT_LENGTH_TOKENIZER = "gpt2"  # smallcap.retrieval.build.DEFAULT_LENGTH_TOKENIZER
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"  # smallcap.retrieval.encoders.DEFAULT_RETRIEVAL_ENCODER (not
 # imported here so that the CLI starts without torch)
 
@@ -28,19 +32,22 @@ def register(subparsers) -> None:
                        help="HF CLIP id/path or open_clip:ARCH[/PRETRAINED] (default %(default)s)")
     build.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"],
                        help="index type (default: chosen from the caption count and --memory-budget)")
-    build.add_argument("--memory-budget", type=float, default=4.0, metavar="GIB",
+    build.add_argument("--memory-budget", type=positive_float, default=4.0, metavar="GIB",
                        help="RAM for raw vectors before auto switches to a compressed index (default %(default)s)")
-    build.add_argument("--max-tokens", type=int, default=25,
+    build.add_argument("--max-tokens", type=non_negative_int, default=25,
                        help="drop captions longer than this many GPT-2 tokens; 0 keeps all (default %(default)s)")
-    build.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer id or directory for --max-tokens")
+    build.add_argument("--tokenizer", default=None,
+                       help="GPT-2 tokenizer id or directory for --max-tokens (default: --model's, else gpt2)")
+    build.add_argument("--model", default=None, metavar="MODEL",
+                       help="the SmallCap model the datastore is for (e.g. mini): its tokenizer measures --max-tokens")
     build.add_argument("--dedupe", action="store_true", help="keep only the first copy of identical captions")
     build.add_argument("--splits", default=",".join(DATASTORE_SPLITS),
                        help="splits kept from Karpathy/MSR-VTT files, comma-separated, or 'all' (default %(default)s)")
     build.add_argument("--format", choices=FORMATS, help="input format (default: detected per file)")
     build.add_argument("--column", default="caption", help="caption column of JSONL/CSV/Parquet/JSON records")
     build.add_argument("--id-column", help="image id column of JSONL/CSV/Parquet/JSON records")
-    build.add_argument("--batch-size", type=int, default=256, help="captions per encoder batch")
-    build.add_argument("--shard-size", type=int, default=16384, help="captions per resumable embedding shard")
+    build.add_argument("--batch-size", type=positive_int, default=256, help="captions per encoder batch")
+    build.add_argument("--shard-size", type=positive_int, default=16384, help="captions per resumable embedding shard")
     build.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     build.add_argument("--engine", choices=["local", "ray"], default="local",
@@ -66,9 +73,12 @@ def register(subparsers) -> None:
 
     search = verbs.add_parser("search", help="retrieve the captions nearest to images or texts")
     search.add_argument("directories", nargs="+", metavar="DIR", help="one datastore, or several to combine")
-    search.add_argument("--image", nargs="+", default=[], help="image files to query with")
-    search.add_argument("--text", nargs="+", default=[], help="texts to query with")
-    search.add_argument("-k", type=int, default=10, help="captions per query (default %(default)s)")
+    search.add_argument("--image", nargs="+", action="extend", default=[],
+                        help="image or video files to query with (repeatable)")
+    search.add_argument("--text", nargs="+", action="extend", default=[], help="texts to query with (repeatable)")
+    search.add_argument("--max-image-pixels", type=positive_int, default=PIL_MAX_IMAGE_PIXELS, metavar="N",
+                        help="refuse (as a per-query error) images with more pixels than this (default %(default)s)")
+    search.add_argument("-k", type=positive_int, default=10, help="captions per query (default %(default)s)")
     search.add_argument("--exclude", help="drop captions whose source id is this (the query image's own id)")
     search.add_argument("--encoder", help="query encoder (default: the one the datastore names)")
     search.add_argument("--device", default="auto")
@@ -84,11 +94,11 @@ def register(subparsers) -> None:
     retrieve.add_argument("--split", default=None, help="split of DATA whose images are queried (e.g. train)")
     retrieve.add_argument("--images-dir", default=None, help="where the image files are (default: DATA's folder)")
     retrieve.add_argument("--encoder", help="query encoder (default: the one the datastore names)")
-    retrieve.add_argument("--k", type=int, default=15, help="nearest captions searched per image (default %(default)s)")
-    retrieve.add_argument("--keep", type=int, default=7, help="captions kept per image (default %(default)s)")
+    retrieve.add_argument("--k", type=positive_int, default=15, help="nearest captions searched per image (default %(default)s)")
+    retrieve.add_argument("--keep", type=positive_int, default=7, help="captions kept per image (default %(default)s)")
     retrieve.add_argument("--exclude-own", action=argparse.BooleanOptionalAction, default=True,
                           help="drop captions of the query image itself (default: on)")
-    retrieve.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
+    retrieve.add_argument("--batch-size", type=positive_int, default=256, help="images per encoder batch")
     retrieve.add_argument("--device", default="auto")
     retrieve.add_argument("--out", required=True, help="JSON file to write")
     retrieve.set_defaults(func=run_retrieve)
@@ -107,6 +117,14 @@ def run_build(args: argparse.Namespace) -> int:
     from smallcap.retrieval.build import build_datastore
 
     splits = None if args.splits == "all" else [split for split in args.splits.split(",") if split]
+    tokenizer = args.tokenizer
+    if tokenizer is None and args.model is not None and args.max_tokens:
+        from smallcap.hub import bundled_path, local_snapshot
+
+        directory = Path(local_snapshot(args.model))
+        if any((directory / name).exists() for name in ("tokenizer.json", "vocab.json")):
+            tokenizer = args.model if bundled_path(args.model) else str(directory)
+        # else a published checkpoint without its own tokenizer: its decoder is GPT-2, the default
     embedder = None
     if args.engine == "ray":
         from smallcap.scale.datastore import RayShardEmbedder
@@ -116,7 +134,7 @@ def run_build(args: argparse.Namespace) -> int:
                                     address=args.address)
     store = build_datastore(
         args.inputs, args.out, args.encoder, index=args.index, max_tokens=args.max_tokens or None,
-        tokenizer=args.tokenizer, dedupe=args.dedupe, batch_size=args.batch_size, shard_size=args.shard_size,
+        tokenizer=tokenizer or DEFAULT_LENGTH_TOKENIZER, dedupe=args.dedupe, batch_size=args.batch_size, shard_size=args.shard_size,
         splits=splits, format=args.format, column=args.column, id_column=args.id_column,
         memory_budget=int(args.memory_budget * 2**30), overwrite=args.overwrite, device=_device(args.device),
         embedder=embedder)
@@ -166,30 +184,45 @@ def run_search(args: argparse.Namespace) -> int:
     store = load_datastores(args.directories)
     encoder = load_encoder(args.encoder or store.encoder_name, device=_device(args.device))
     store.check_encoder(encoder)
-    images = [_open_image(path) for path in args.image]
-    queries = [*args.image, *args.text]
-    embeddings = np.concatenate([encoder.embed_images(images), encoder.embed_texts(args.text)])
-    exclude = None if args.exclude is None else [args.exclude] * len(queries)
-    hits = store.search(embeddings, args.k, exclude_source_ids=exclude)
-    rows = [{"query": query, "results": [{"caption": c, "score": round(s, 6), "source_id": i}
-                                         for c, s, i in zip(hits.captions[q], hits.scores[q], hits.source_ids[q])]}
-            for q, query in enumerate(queries)]
+    from smallcap.images import load_image
+
+    rows: list[dict] = [{"query": path} for path in args.image] + [{"query": text} for text in args.text]
+    images, image_rows = [], []
+    for row in rows[:len(args.image)]:
+        try:
+            images.append(load_image(row["query"], max_pixels=args.max_image_pixels))
+            image_rows.append(row)
+        except SmallCapError as error:
+            row["error"] = str(error)
+    text_rows = rows[len(args.image):]
+    parts = [encoder.embed_images(images)] if images else []
+    parts += [encoder.embed_texts(args.text)] if args.text else []
+    answered = image_rows + text_rows
+    if answered:
+        own = None if args.exclude is None else [args.exclude] * len(answered)
+        hits = store.search(np.concatenate(parts), args.k, exclude_source_ids=own)
+        for q, row in enumerate(answered):
+            row["results"] = [{"caption": c, "score": round(s, 6), "source_id": i}
+                              for c, s, i in zip(hits.captions[q], hits.scores[q], hits.source_ids[q])]
     if args.json:
         print(json.dumps(rows, indent=1, ensure_ascii=False))
-        return 0
-    for row in rows:
-        print(row["query"])
-        for rank, hit in enumerate(row["results"], start=1):
-            print(f"  {rank:2d}. {hit['score']:.4f}  {hit['caption']}  [{hit['source_id']}]")
-    return 0
+    else:
+        for row in rows:
+            print(row["query"])
+            if "error" in row:
+                print(f"  ERROR: {row['error']}")
+            for rank, hit in enumerate(row.get("results", []), start=1):
+                print(f"  {rank:2d}. {hit['score']:.4f}  {hit['caption']}  [{hit['source_id']}]")
+    failed = [row for row in rows if "error" in row]
+    for row in failed:
+        print(f"smallcap datastore search: {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
     """`datastore retrieve`."""
     from smallcap.retrieval.retriever import retrieve_for_dataset
 
-    if args.k < 1 or not 1 <= args.keep:
-        raise SmallCapError(f"--k and --keep must be at least 1 (got --k {args.k}, --keep {args.keep})")
     retrieved = retrieve_for_dataset(args.directories, args.data, args.out, split=args.split,
                                      images_dir=args.images_dir, encoder=args.encoder, k=args.k, keep=args.keep,
                                      exclude_own=args.exclude_own, batch_size=args.batch_size,
@@ -199,13 +232,3 @@ def run_retrieve(args: argparse.Namespace) -> int:
           + (f" ({short} with fewer than {args.keep})" if short else ""))
     return 0
 
-
-def _open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        return Image.open(Path(path)).convert("RGB")
-    except FileNotFoundError:
-        raise SmallCapError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise SmallCapError(f"{path} is not a readable image ({error})") from None

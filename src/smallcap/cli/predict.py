@@ -22,7 +22,10 @@ def register(subparsers) -> None:
     parser.add_argument("--format", default=None, help="annotation format (default: detected)")
     parser.add_argument("--images-dir", type=Path, default=None, help="where image files are (default: DATA's folder)")
     parser.add_argument("--features", type=Path, default=None, help="feature cache made by `smallcap features extract`")
-    parser.add_argument("--out", type=Path, required=True, metavar="PREDS.json")
+    parser.add_argument("--out", type=Path, required=True, metavar="PREDS.json",
+                        help="predictions file; its settings are recorded in PREDS.json.settings.json and a rerun "
+                             "with other settings is refused")
+    parser.add_argument("--overwrite", action="store_true", help="start --out again instead of resuming it")
     add_captioner_arguments(parser)
     scale = parser.add_argument_group("scale-out (--engine ray, needs smallcap[ray])")
     scale.add_argument("--engine", choices=["local", "ray"], default="local",
@@ -38,15 +41,32 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def run_settings(args) -> dict:
+    """What decides the captions of a run (model, retrieval, decoding, video tiling), as recorded with --out."""
+
+    def absolute(path):
+        return None if path is None else str(Path(path).expanduser().resolve()) if Path(path).exists() else str(path)
+
+    return {"model": absolute(args.model), "tokenizer": args.tokenizer, "image_processor": args.image_processor,
+            "dtype": args.dtype, "retrieval": not args.no_retrieval,
+            "datastore": None if not args.datastore else [absolute(d) for d in args.datastore],
+            "retrieval_encoder": args.retrieval_encoder, "retrieved": absolute(args.retrieved), "k": args.k,
+            "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+            "video": [args.frames, args.rows, args.cols]}
+
+
 def run(args) -> int:
     """Predict; exit code 1 if some images could not be captioned (they are retried on a re-run)."""
+    from smallcap.io import check_output_file
+    from smallcap.prediction import check_resume_settings, dataset_images, predict
+
+    check_output_file(args.out, "--out")
     if args.engine == "ray":
         return run_on_ray(args)
     if len(args.data) > 1:
         raise SmallCapError(f"{len(args.data)} DATA inputs given; several inputs need --engine ray")
-    from smallcap.prediction import dataset_images, predict
-
     images = dataset_images(args.data[0], split=args.split, images_dir=args.images_dir, format=args.format)
+    check_resume_settings(args.out, run_settings(args), overwrite=args.overwrite)
     captioner = build_captioner(args)
     features = None
     if args.features is not None:
@@ -60,7 +80,8 @@ def run(args) -> int:
         retrieved = load_retrieved(args.retrieved)
     else:
         retrieved = None
-    report = predict(captioner, images, args.out, retrieved=retrieved, features=features, batch_size=args.batch_size)
+    report = predict(captioner, images, args.out, retrieved=retrieved, features=features, batch_size=args.batch_size,
+                     overwrite=args.overwrite)
     print(f"smallcap predict: {report.captioned} captioned, {report.resumed} already done, "
           f"{len(report.failed)} failed -> {report.output}", file=sys.stderr)
     for image_id, reason in report.failed.items():
@@ -82,7 +103,7 @@ def run_on_ray(args) -> int:
     options = captioner_options(args)
     report = predict_on_ray(shards, args.out, options, output_dir=args.output_dir, address=args.address,
                             num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-                            batch_size=args.batch_size, video_options=options["video"])
+                            batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"smallcap predict: {report.shards_done} shards captioned, {report.shards_resumed} already done, "
           f"{report.captioned} images, {len(report.failed)} failed -> {report.output}", file=sys.stderr)
     for image_id, reason in report.failed.items():

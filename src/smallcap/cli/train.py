@@ -23,13 +23,13 @@ def register(subparsers) -> None:
     parser.add_argument("--split", help="split(s) to train on, comma-separated (default: train[+restval])")
     parser.add_argument("--features", help="encoder-state cache directory (default: OUTPUT_DIR/features)")
     parser.add_argument("--encoder", default=_DEFAULTS.encoder, help="CLIP model (path or Hub id)")
-    parser.add_argument("--decoder", default=_DEFAULTS.decoder, help="GPT-2-family model (path or Hub id)")
+    parser.add_argument("--decoder", default=_DEFAULTS.decoder, help="decoder LM, path or Hub id: GPT-2 (gpt2, gpt2-medium, ...), OPT (facebook/opt-125m, ...) or XGLM (facebook/xglm-564M); the family is read from its config")
     parser.add_argument("--reduce-factor", type=int, default=_DEFAULTS.reduce_factor,
                         help="cross-attention reduce factor r (1, 2, 4, 8, 16)")
     parser.add_argument("--k", type=int, default=_DEFAULTS.k, help="retrieved captions in the prompt")
     parser.add_argument("--sample-k-from-7", action="store_true",
                         help="draw the k prompt captions from the 7 retrieved ones at each step")
-    parser.add_argument("--train-decoder", action="store_true", help="also train the whole GPT-2 decoder")
+    parser.add_argument("--train-decoder", action="store_true", help="also train the whole decoder")
     parser.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
     parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="AdamW peak learning rate (linear decay to 0)")
     parser.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size,

@@ -111,9 +111,48 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
+DATASTORE_FILES = {INDEX_FILE, "manifest.json", "captions.txt", "captions.offsets.npy", "source_ids.txt",
+                   "source_ids.offsets.npy", "source_files.npy"}
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any work, an output that exists (without `overwrite`) or that `overwrite` must not
+    replace: only a datastore (its manifest and files, nothing else) or an empty directory is replaced; never
+    the working directory or one of its parents, a file, or a folder holding the inputs or other files."""
+    if not out_dir.exists():
+        from smallcap.io import check_output_dir
+
+        check_output_dir(out_dir, "output")
+        return
+    if not overwrite:
         raise SmallCapError(f"output {out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
+    resolved = out_dir.resolve()
+    refuse = f"refusing to replace {out_dir} with --overwrite:"
+    if not resolved.is_dir():
+        raise SmallCapError(f"{refuse} it is a file, not a datastore directory")
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise SmallCapError(f"{refuse} it is the current directory or one of its parents; give a new directory")
+    for path in inputs:
+        if resolved in Path(path).resolve().parents:
+            raise SmallCapError(f"{refuse} it holds the input {path}; give a new directory")
+    entries = {entry.name for entry in resolved.iterdir()}
+    if not entries:
+        return
+    if "manifest.json" not in entries:
+        raise SmallCapError(f"{refuse} it is not a smallcap datastore (no manifest.json) and not empty; "
+                            "--overwrite only replaces a datastore")
+    try:
+        manifest_format = json.loads((resolved / "manifest.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        manifest_format = None
+    if manifest_format != FORMAT:
+        raise SmallCapError(f"{refuse} its manifest.json is not a smallcap datastore's; --overwrite only "
+                            "replaces a datastore")
+    others = sorted(entries - DATASTORE_FILES)
+    if others:
+        raise SmallCapError(f"{refuse} besides the datastore it holds other files ({', '.join(others[:5])}"
+                            f"{' ...' if len(others) > 5 else ''}), which would be lost; move them or give a new "
+                            "directory")
 
 
 def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: RetrievalEncoder | str, *,
@@ -134,7 +173,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     to do elsewhere (e.g. `smallcap.scale.datastore.RayShardEmbedder`); default: `encoder`, in this process.
     """
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite, inputs)
     if not inputs:
         raise SmallCapError("no input caption files given")
     records: list[CaptionRecord] = []
@@ -151,6 +190,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
         raise SmallCapError(f"no captions to index in {', '.join(map(str, inputs))}: "
                             f"{_describe_counts(selection.counts)}")
     _log(f"captions: {_describe_counts(selection.counts)}")
+    _warn_if_many_too_long(selection.counts, max_tokens, tokenizer_name)
     if isinstance(encoder, str):
         encoder = load_encoder(encoder, device=device)
     encoder_name = canonical_encoder_name(encoder.name)
@@ -191,6 +231,17 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     shutil.rmtree(work, ignore_errors=True)
     _log(f"wrote {out_dir}: {len(kept)} captions")
     return Datastore.load(out_dir)
+
+
+def _warn_if_many_too_long(counts: dict[str, int], max_tokens: int | None, tokenizer_name: str | None) -> None:
+    """Warn when the length filter drops more than a tenth of the captions: with a tokenizer that splits real
+    words into many pieces (e.g. a small model's own BPE), --max-tokens stops meaning "a long caption"."""
+    measured = counts["read"] - counts["empty"]
+    if max_tokens is None or not measured or counts["too_long"] <= 0.1 * measured:
+        return
+    _log(f"warning: {counts['too_long']} of {measured} captions ({100 * counts['too_long'] / measured:.0f}%) are longer "
+         f"than {max_tokens} tokens of the {tokenizer_name or 'given'} tokenizer and were dropped; if that tokenizer "
+         "splits these captions into many pieces, pass --max-tokens 0 (keep all) or a larger --max-tokens")
 
 
 def _describe_counts(counts: dict[str, int]) -> str:
@@ -326,7 +377,7 @@ def import_datastore(index_path: str | Path, captions_path: str | Path, encoder:
     so self-exclusion does not apply). A count mismatch is an error and writes nothing.
     """
     out_dir, index_path = Path(out_dir), Path(index_path)
-    _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite, [index_path, captions_path])
     if not index_path.is_file():
         raise SmallCapError(f"index file {index_path} does not exist")
     captions = read_caption_list(captions_path)
