@@ -2,9 +2,9 @@
 
 The server is a real `smallcap serve` subprocess on 127.0.0.1 (retrieval from the bundled `mini-source`
 datastore, beam 3, 25 new tokens); each of C concurrent clients sends R single-image requests with real COCO
-images from ../shared/data/coco-mini. In the same run, on the same model files, images and thread count, the
-offline `Captioner` captions the same images one at a time (the latency a direct call has) and in batches of
-C (the throughput batching can reach). Reported: served images/s, p50/p95/p99 latency, errors, and the ratios
+images from ../shared/data/coco-mini. Right after each load test, in the same process, on the same model files,
+images and thread count, the offline `Captioner` captions the same number of images in batches of C (the
+throughput batching can reach; for C = 1, direct single-image calls and their latency). Reported: served images/s, p50/p95/p99 latency, errors, and the ratios
 served / offline.
 
     python benchmarks/serve_load.py [--models mini real-size] [--clients 1 4 16] [--requests 4] [--threads 1]
@@ -112,57 +112,64 @@ def load(url: str, paths: list[Path], clients: int, requests_each: int) -> dict:
             "p99_ms": round(percentile(latencies, 99) * 1e3, 1), "errors": len(errors), "error_examples": errors[:3]}
 
 
-def offline(model: str, paths: list[Path], batch_sizes: list[int], single_calls: int) -> dict:
-    """The offline Captioner on the same files: single-image call latency and batched throughput."""
-    from smallcap.captioner import Captioner
-
-    captioner = Captioner.from_pretrained(model, datastores=[DATASTORE])
-    captioner(paths[:2], batch_size=2)  # warm-up
+def offline_single(captioner, paths: list[Path], calls: int) -> dict:
+    """Direct single-image `Captioner` calls: their p50 latency and images/s."""
     singles = []
-    for path in (paths * single_calls)[:single_calls]:
+    for path in (paths * calls)[:calls]:
         start = time.perf_counter()
         captioner([path], batch_size=1)
         singles.append(time.perf_counter() - start)
-    throughput = {}
-    for batch_size in batch_sizes:
-        images = (paths * ((batch_size * 2) // len(paths) + 1))[:max(batch_size * 2, 4)]
-        start = time.perf_counter()
-        captioner(images, batch_size=batch_size)
-        throughput[batch_size] = round(len(images) / (time.perf_counter() - start), 3)
-    return {"single_call_p50_ms": round(statistics.median(singles) * 1e3, 1), "single_calls": len(singles),
-            "images_per_second_by_batch": throughput}
+    return {"p50_ms": round(statistics.median(singles) * 1e3, 1), "images_per_second": round(calls / sum(singles), 3)}
+
+
+def offline_batch(captioner, paths: list[Path], batch_size: int, images: int) -> float:
+    """Offline throughput (images/s) captioning `images` files in batches of `batch_size`."""
+    files = (paths * (images // len(paths) + 1))[:images]
+    start = time.perf_counter()
+    captioner(files, batch_size=batch_size)
+    return round(len(files) / (time.perf_counter() - start), 3)
 
 
 def run_model(name: str, model: str, args) -> dict:
+    """For each client count C: the served load test, then right after it the offline Captioner on the same
+    number of images in batches of C (and direct single-image calls), so both see the same machine load."""
+    from smallcap.captioner import Captioner
+
     paths = sorted((SHARED / "data/coco-mini/val2017").glob("*.jpg"))[:args.images]
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    captioner = Captioner.from_pretrained(model, datastores=[DATASTORE])
+    captioner(paths[:1], batch_size=1)  # warm-up
     server, url = start_server(model, args.threads, max(args.clients))
+    rows = []
     try:
         httpx.post(url + "/v1/captions", files={"files": (paths[0].name, paths[0].read_bytes(), "image/jpeg")},
                    timeout=600)  # warm-up
-        served = []
         for clients in args.clients:
-            served.append(load(url, paths, clients, args.requests))
-            print(name, json.dumps(served[-1]), flush=True)
+            row = load(url, paths, clients, args.requests)
+            if clients == 1:
+                single = offline_single(captioner, paths, max(args.single_calls, row["requests"]))
+                row["offline_images_per_second"] = single["images_per_second"]
+                row["offline_single_call_p50_ms"] = single["p50_ms"]
+                row["p50_ratio_vs_single_call"] = round(row["p50_ms"] / single["p50_ms"], 3)
+            else:
+                row["offline_images_per_second"] = offline_batch(captioner, paths, clients, row["requests"])
+            row["throughput_ratio_vs_offline"] = round(row["images_per_second"] / row["offline_images_per_second"], 3)
+            rows.append(row)
+            print(name, json.dumps(row), flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
-    direct = offline(model, paths, args.clients, args.single_calls)
-    print(name, "offline", json.dumps(direct), flush=True)
-    for row in served:
-        row["offline_batch_images_per_second"] = direct["images_per_second_by_batch"][row["clients"]]
-        row["throughput_ratio_vs_offline_batch"] = round(
-            row["images_per_second"] / row["offline_batch_images_per_second"], 3)
-        row["p50_ratio_vs_single_call"] = round(row["p50_ms"] / direct["single_call_p50_ms"], 3)
-    return {"model": name, "served": served, "offline": direct}
+    return {"model": name, "rows": rows, "load_average_before": load_before,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mini"], choices=["mini", "real-size"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=4, help="single-image requests per client")
+    parser.add_argument("--requests", type=int, default=2, help="single-image requests per client")
     parser.add_argument("--images", type=int, default=16, help="distinct COCO images cycled through")
-    parser.add_argument("--single-calls", type=int, default=8, help="direct single-image calls timed offline")
+    parser.add_argument("--single-calls", type=int, default=4, help="direct single-image calls timed offline")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, server and offline alike")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve_load.json")
     args = parser.parse_args()
@@ -176,13 +183,19 @@ def main() -> None:
         for name in args.models:
             model = "mini" if name == "mini" else real_size_checkpoint(Path(tmp) / "real-size")
             rows.append(run_model(name, model, args))
+            write(args, rows)
+
+
+def write(args, rows: list[dict]) -> None:
+    """Write the results so far (each model's block is complete in itself)."""
+    import torch
+
     result = {
         "benchmark": "serve_load",
         "setup": {"datastore": DATASTORE, "num_beams": 3, "max_new_tokens": 25, "requests_per_client":
                   args.requests, "images": args.images, "threads": args.threads, "server": "smallcap serve, "
                   "--max-wait-ms 10, --max-batch = largest client count", "torch": torch.__version__,
-                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                  "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -146,6 +147,8 @@ def test_overwrite_replaces_a_datastore_only_when_the_new_one_is_complete(tmp_pa
     (["datastore", "search", "mini-source", "--text", "a dog", "-k", "0"], "-k"),
     (["datastore", "build", CAPTION_FILE, "--out", "x", "--batch-size", "0"], "--batch-size"),
     (["datastore", "retrieve", "mini-source", "--data", VAL, "--out", "x.json", "--keep", "0"], "--keep"),
+    (["features", "extract", CAPTION_FILE, "--model", "mini", "--out", "f", "--batch-size", "0"], "--batch-size"),
+    (["train", CAPTION_FILE, "--output-dir", "t", "--epochs", "0"], "--epochs"),
 ])
 def test_bad_option_values_are_usage_errors(args, option, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -312,6 +315,7 @@ def _cli_without_network(*args, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow  # two fresh interpreters that import torch
 def test_unreachable_hub_fails_fast_naming_the_way_out(tmp_path):
     started = time.monotonic()
     result = _cli_without_network("datastore", "build", CAPTION_FILE, "--out", "store", "--encoder", "mini-clip",
@@ -357,6 +361,34 @@ def test_truncated_video_warns_with_the_frames_read(capsys, tmp_path, clip_mp4):
 
 
 # ------------------------------------------------------------------------------------------ fuzz
+def test_garbled_videos_get_per_input_errors(capsys, tmp_path, clip_mp4):
+    """Seeded damage to a real H.264 clip (bytes flipped, cut short, a block overwritten): each copy is captioned
+    or gets its own error; the good image next to them is captioned; never a traceback."""
+    data, rng = clip_mp4.read_bytes(), random.Random(5)
+    paths = []
+    for n in range(12):
+        damaged = bytearray(data)
+        if n % 3 == 0:
+            for _ in range(rng.choice([5, 50, 300])):
+                damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        elif n % 3 == 1:
+            damaged = damaged[:rng.randrange(len(damaged))]
+        else:
+            at = rng.randrange(len(damaged))
+            damaged[at:at + rng.randrange(1, 2000)] = rng.randbytes(64)
+        paths.append(tmp_path / f"damaged{n}.mp4")
+        paths[-1].write_bytes(bytes(damaged))
+    out = tmp_path / "c.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a damaged clip may warn about the frames it lost
+        code, _, err = run(capsys, "caption", GOOD[0], *paths, *MODEL, "--output", out, "--batch-size", "4")
+    rows = read_jsonl(out)
+    assert code in (0, 1) and "Traceback" not in err and len(rows) == 13
+    assert rows[0]["image"] == str(GOOD[0]) and rows[0]["caption"]
+    assert all(("caption" in row) != ("error" in row) for row in rows)
+    assert all(row["error"].startswith(row["image"]) for row in rows if "error" in row)
+
+
 def test_random_option_and_input_mixes_never_crash_or_lose_good_results(capsys, tmp_path, bomb):
     """Seeded random mixes of good/bad inputs and good/bad option values: a usage error before any output, or
     exit 0/1 with every good image captioned; never a traceback."""
@@ -405,6 +437,7 @@ README_CASES = {  # README row (first cell) -> the test above that shows it
     "Hub id without network": "test_unreachable_hub_fails_fast",
     "length filter dropping most captions": "test_datastore_for_a_model_filters",
     "truncated video": "test_truncated_video_warns",
+    "damaged or garbled video file": "test_garbled_videos",
 }
 
 

@@ -75,6 +75,19 @@ def test_retrieval_required_unless_disabled(captioner):
         captioner(golden.image_paths()[:1])
 
 
+def test_retrieval_disabled_ignores_given_retrieved_captions(captioner):
+    paths = golden.image_paths()[:2]
+    without = golden.expected_captions("gen_norag_beam3.json")[:2]
+    assert without != golden.expected_captions("gen_rag_beam3.json")[:2]  # retrieved captions would show
+    captioner.use_retrieval = False
+    try:
+        results = captioner(paths, retrieved=golden.retrieved()[:2])
+    finally:
+        captioner.use_retrieval = True
+    assert [r.caption for r in results] == without
+    assert all(r.retrieved == [] for r in results)
+
+
 def test_cli_matches_retrieved_by_integer_id_and_reports_bad_files(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

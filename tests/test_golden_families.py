@@ -123,6 +123,17 @@ def test_training_forward_logits_and_losses(pack, captioner, training_batch, enc
     assert per_example == pytest.approx(forward["per_example_loss"], abs=1e-5)
 
 
+def test_training_loss_equals_the_reference_batch_loss(pack, captioner, training_batch, encoder_states):
+    """`smallcap train`'s loss (LM head at label positions only) on this family's decoder."""
+    from smallcap.training import training_loss
+
+    input_ids, labels = training_batch
+    with torch.no_grad():
+        loss = training_loss(captioner.model, {"encoder_hidden_states": encoder_states,
+                                               "decoder_input_ids": input_ids, "labels": labels})
+    assert loss.item() == pytest.approx(pack.expected("train_forward.json")["batch_loss"], abs=1e-5)
+
+
 @pytest.mark.parametrize("name, num_beams", [("gen_rag_beam3.json", 3), ("gen_rag_greedy.json", 1)])
 def test_generated_ids_one_image_at_a_time_from_pixels(pack, captioner, name, num_beams):
     pixels = torch.tensor(pack.expected("pixel_values.npy"))

@@ -102,20 +102,10 @@ def test_cut_down_clip_tokenizer_splits_world_captions_like_clip(tmp_path):
     assert mini.decode(mini("a Zebra!").input_ids, skip_special_tokens=True) == "a zebra !"  # unseen: bytes
 
 
-# ---------------------------------------------------------------- a small build, end to end
+# ---------------------------------------------------------------- a small build, end to end (conftest's small_world)
 
 
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory) -> Path:
-    """`scripts/build_miniworld.py OUT --small`, run the way a user runs it."""
-    out = tmp_path_factory.mktemp("miniworld") / "world"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_miniworld.py"), str(out), "--small",
-                             "--quiet", "--clip-tokenizer", str(CLIP_TOKENIZER_DIR)],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
+@pytest.mark.slow  # builds the small world (session fixture, minutes)
 def test_build_refuses_to_overwrite(small_world):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_miniworld.py"), str(small_world),
                              "--small"], capture_output=True, text=True, timeout=120)
@@ -123,6 +113,7 @@ def test_build_refuses_to_overwrite(small_world):
     assert "already exists" in result.stderr
 
 
+@pytest.mark.slow  # builds the small world (session fixture, minutes)
 def test_karpathy_and_coco_files_have_the_reader_formats(small_world):
     world = json.loads((small_world / "world.json").read_text())
     for domain, info in world["domains"].items():
@@ -144,6 +135,7 @@ def test_karpathy_and_coco_files_have_the_reader_formats(small_world):
             assert all((small_world / info["coco_image_dir"] / im["file_name"]).is_file() for im in coco["images"])
 
 
+@pytest.mark.slow  # builds the small world (session fixture, minutes)
 def test_gpt2_tokenizer_has_smallcap_special_ids_and_round_trips(small_world):
     from transformers import AutoTokenizer, GPT2Tokenizer
 
@@ -165,6 +157,7 @@ def test_gpt2_tokenizer_has_smallcap_special_ids_and_round_trips(small_world):
     assert prompt[-1] == 220 and prompt.count(13) == 1
 
 
+@pytest.mark.slow  # builds the small world (session fixture, minutes)
 def test_mini_clip_loads_and_retrieves_far_better_than_chance(small_world):
     from transformers import CLIPModel
 
@@ -198,6 +191,7 @@ def test_mini_clip_loads_and_retrieves_far_better_than_chance(small_world):
         assert held_out["recall@5"] > 2 * 5 * held_out["recall@1_chance"], (domain, held_out)  # chance ~5x @1
 
 
+@pytest.mark.slow  # builds the small world (session fixture, minutes)
 def test_mini_gpt2_loads_and_reads_the_similar_captions(small_world):
     import torch
     from transformers import GPT2LMHeadModel, GPT2Tokenizer

@@ -1,4 +1,4 @@
-"""`smallcap serve` as a user starts it: defaults, offline, a caption equal to `smallcap caption`'s, SIGTERM
+"""`smallcap serve` as a user starts it: defaults, offline, a caption equal to the Python API's, SIGTERM
 draining an in-flight request before a clean exit, and bad options refused before anything loads."""
 
 from __future__ import annotations
@@ -16,12 +16,26 @@ pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'small
 import httpx  # noqa: E402
 
 from conftest import REPO, run_cli  # noqa: E402
-from serving_helpers import cli_captions, free_port, smallest_coco_images, wait_ready  # noqa: E402
+from serving_helpers import free_port, smallest_coco_images, wait_ready  # noqa: E402
+from test_packaging import assert_one_line_error, run_without_extras  # noqa: E402
 
 
-def test_serve_with_defaults_answers_like_the_cli_and_drains_on_sigterm():
+def api_caption(image) -> dict:
+    """What the Python API gives for `image` with the mini model and mini-source, threads pinned as the server's."""
+    import torch
+
+    from smallcap.captioner import Captioner
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Captioner.from_pretrained("mini", datastores=["mini-source"])([image])[0].to_dict()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_serve_with_defaults_answers_like_the_api_and_drains_on_sigterm():
     image = smallest_coco_images(1)[0]
-    expected = cli_captions([image], "--datastore", "mini-source")[image.name]
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # A long batching window keeps the last request in flight while SIGTERM arrives.
@@ -29,6 +43,7 @@ def test_serve_with_defaults_answers_like_the_cli_and_drains_on_sigterm():
                                "--max-wait-ms", "1500"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
+        expected = api_caption(image)  # while the server loads
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             deadline = time.monotonic() + 180
             while True:
@@ -50,7 +65,11 @@ def test_serve_with_defaults_answers_like_the_cli_and_drains_on_sigterm():
             request = threading.Thread(target=lambda: in_flight.update(
                 response=client.post("/v1/captions", files=files)))
             request.start()
-            time.sleep(0.5)  # the request now waits in the batching window
+            waiting = time.monotonic() + 20
+            while "smallcap_queue_depth 1.0" not in httpx.get(f"http://127.0.0.1:{port}/metrics").text:
+                assert time.monotonic() < waiting, "the request never reached the queue"
+                time.sleep(0.05)
+            # The request now waits in the batching window.
             server.send_signal(signal.SIGTERM)
             request.join(timeout=60)
         assert in_flight["response"].status_code == 200
@@ -69,3 +88,9 @@ def test_serve_refuses_bad_options_before_loading(tmp_path):
     assert "Traceback" not in missing.stderr
     batch = run_cli("serve", "--max-batch", "0", check=False)
     assert batch.returncode == 2 and "--max-batch must be at least 1" in batch.stderr
+
+
+def test_serve_without_the_serve_extra_is_one_message():
+    result = run_without_extras("serve", "--port", str(free_port()), blocked=("fastapi", "uvicorn"))
+    assert_one_line_error(result, "serve")
+    assert "Serving over HTTP" in result.stderr

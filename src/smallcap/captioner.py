@@ -5,24 +5,19 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from smallcap.decoders import FAMILIES
 from smallcap.errors import MissingExtraError, SmallCapError
 from smallcap.hub import DEFAULT_MODEL
 from smallcap.generation import GenerationSettings, generate
 from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, VideoOptions, describe, load_image
-from smallcap.modeling import SmallCap, load_smallcap
-from smallcap.prompt import clean_caption, load_tokenizer, prompt_ids
-
-# Published SmallCap checkpoints ship neither tokenizer nor image processor: they come from the base models
-# (the tokenizer, failing that, is the decoder family's default, see `smallcap.decoders.FAMILIES`).
-DEFAULT_ENCODER = "openai/clip-vit-base-patch32"
+from smallcap.loading import load_captioner_parts
+from smallcap.modeling import SmallCap
+from smallcap.prompt import clean_caption, prompt_ids
 
 # A retriever maps a batch of images (and the model's encoder states for them) to retrieved captions.
 Retriever = Callable[[Sequence[Image.Image], torch.Tensor, int], list[list[str]]]
@@ -44,29 +39,13 @@ class CaptionResult:
         return {"image": self.image, "caption": self.caption, "retrieved": self.retrieved}
 
 
-def _load_with_fallback(loader, candidates: Sequence[str], what: str):
-    """Try each candidate name in turn; the first that loads wins."""
-    errors = []
-    for name in dict.fromkeys(c for c in candidates if c):
-        try:
-            return loader(name)
-        except (SmallCapError, OSError, ValueError) as error:
-            errors.append(f"{name}: {str(error).splitlines()[0]}")
-    raise SmallCapError(f"could not find a {what} for this model (tried {'; '.join(errors)}); "
-                        f"pass one explicitly")
-
-
-def _base_name(sub_config, default: str) -> str:
-    name = getattr(sub_config, "_name_or_path", "") or ""
-    return name if name and (Path(name).is_dir() or name.count("/") <= 1 and not name.startswith(".")) else default
-
-
 class Captioner:
     """Caption images with a SmallCap model, retrieved captions in the prompt, in batches.
 
     `captioner(images, retrieved=None)` accepts file paths (images or videos), PIL images and arrays. Retrieved captions come
     from `retrieved` (one list per image) when given, else from the attached `retriever` (a datastore); with
-    `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions.
+    `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions, and a
+    `retrieved` argument is ignored.
     """
 
     def __init__(self, model: SmallCap, tokenizer, image_processor, retriever: Retriever | None = None,
@@ -92,27 +71,15 @@ class Captioner:
                         image_processor: str | None = None, device: str = "cpu",
                         dtype: torch.dtype | None = None, datastores: Sequence[str] | None = None,
                         retrieval_encoder: str | None = None, **kwargs) -> "Captioner":
-        """Load a SmallCap checkpoint (Hub id or directory) with its tokenizer and image processor.
+        """Load a SmallCap checkpoint (Hub id, directory or bundled short name) with its tokenizer and image
+        processor (`smallcap.loading.load_captioner_parts`: the checkpoint's own, else its base models').
 
-        Tokenizer and image processor come from the checkpoint if it has them, else from its base models.
         With `datastores`, captions are retrieved from them (combined) with `retrieval_encoder` (default: the
         encoder the datastores were built with).
         """
-        from transformers import AutoImageProcessor
-
-        from smallcap.hub import local_snapshot
-
-        directory = local_snapshot(str(model))
-        smallcap = load_smallcap(directory, **({"dtype": dtype} if dtype else {})).to(device)
-        config = smallcap.config
-        decoder_type = config.decoder.model_type
-        default_tokenizer = FAMILIES[decoder_type].default_tokenizer
-        tok = _load_with_fallback(lambda name: load_tokenizer(name, decoder_type),
-                                  [tokenizer, directory, _base_name(config.decoder, default_tokenizer), default_tokenizer],
-                                  "tokenizer")
-        processor = _load_with_fallback(
-            AutoImageProcessor.from_pretrained,
-            [image_processor, directory, _base_name(config.encoder, DEFAULT_ENCODER)], "image processor")
+        smallcap, tok, processor = load_captioner_parts(model, tokenizer=tokenizer, image_processor=image_processor,
+                                                        **({"dtype": dtype} if dtype else {}))
+        smallcap = smallcap.to(device)
         if datastores:
             from smallcap.retrieval.retriever import DatastoreRetriever
 
@@ -131,7 +98,10 @@ class Captioner:
         return self.model.encoder(pixel_values=pixels).last_hidden_state
 
     def caption_encoded(self, encoder_states: torch.Tensor, retrieved: Sequence[Sequence[str]] | None) -> list[str]:
-        """Captions for precomputed encoder states (e.g. from a feature cache), one per row."""
+        """Captions for precomputed encoder states (e.g. from a feature cache), one per row; `retrieved` is
+        ignored when the captioner does not use retrieval."""
+        if not self.use_retrieval:
+            retrieved = None
         prompts = [self._fitting_prompt(None if retrieved is None else caps)[0]
                    for caps in (retrieved if retrieved is not None else [None] * len(encoder_states))]
         new_ids = generate(self.model, prompts, encoder_hidden_states=encoder_states, settings=self.settings)
@@ -179,6 +149,8 @@ class Captioner:
         if isinstance(images, (str, os.PathLike, Image.Image)) or getattr(images, "ndim", 0) == 3:
             images = [images]
         images = list(images)
+        if not self.use_retrieval:
+            retrieved = None  # the model's prompt has no retrieved captions, whatever is given
         if retrieved is not None and len(retrieved) != len(images):
             raise SmallCapError(f"got {len(images)} images but {len(retrieved)} lists of retrieved captions")
         if self.use_retrieval and retrieved is None and self.retriever is None:
@@ -221,4 +193,5 @@ class Captioner:
         captions = self.caption_encoded(states, retrieved)
         for index, (result, caption) in enumerate(zip(results, captions)):
             result.caption = caption
-            result.retrieved = [] if retrieved is None else list(retrieved[index][:self._fitting_prompt(retrieved[index])[1]])
+            if retrieved is not None:  # the captions the prompt actually held
+                result.retrieved = list(retrieved[index][:self._fitting_prompt(retrieved[index])[1]])

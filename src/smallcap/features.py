@@ -122,15 +122,16 @@ class FeatureCache(Mapping):
 
 def load_vision_encoder(name_or_path: str):
     """Load (CLIP vision encoder, image processor) from a SmallCap checkpoint, a CLIP checkpoint or a Hub id."""
-    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel
+    from transformers import AutoConfig, CLIPVisionModel
 
     from smallcap.hub import explain_load_errors, resolve_pretrained
+    from smallcap.loading import load_image_processor
     from smallcap.modeling import load_smallcap
 
     name_or_path = resolve_pretrained(name_or_path, "encoder")
+    processor = load_image_processor(name_or_path)
     with explain_load_errors(name_or_path, "encoder"):
         config = AutoConfig.from_pretrained(name_or_path)
-        processor = AutoImageProcessor.from_pretrained(name_or_path)
         if config.model_type == "smallcap":
             encoder = load_smallcap(name_or_path).encoder
         else:

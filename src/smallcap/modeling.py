@@ -109,7 +109,8 @@ def decoder_class(config) -> type:
 
 
 class SmallCapConfig(VisionEncoderDecoderConfig):
-    """Top-level SmallCap config: a CLIP vision config, a `this_gpt2` decoder config and prompt settings.
+    """Top-level SmallCap config: a CLIP vision config, a `this_gpt2`/`this_opt`/`this_xglm` decoder config and
+    prompt settings.
 
     Reference checkpoints store the *full* CLIP config as the encoder; only its vision part is kept.
     """
@@ -161,7 +162,8 @@ class SmallCap(VisionEncoderDecoderModel):
                                         cross_attention_reduce_factor: int = 4, **kwargs) -> "SmallCap":
         """Build a new SmallCap from a pretrained CLIP (full or vision-only) and a GPT-2, OPT or XGLM decoder.
 
-        The family comes from the decoder's config (`model_type`). The cross-attention layers are new (randomly initialised); everything else is the pretrained weights.
+        The family comes from the decoder's config (`model_type`), never from its name. The cross-attention
+        layers are new (randomly initialised); everything else is the pretrained weights.
         """
         from smallcap.hub import explain_load_errors, resolve_pretrained
 

@@ -1,6 +1,6 @@
 """Training SmallCap's cross-attention from cached encoder states, with accelerate (one device or many).
 
-The loop is the reference's recipe (spec §6): AdamW, linear decay to 0 without warm-up, gradient clipping,
+The loop is the reference code's recipe: AdamW, linear decay to 0 without warm-up, gradient clipping,
 one sample per (image, caption) pair, dropout of the frozen GPT-2 active. `batch_size` is the batch of one
 optimizer step, split over processes and gradient-accumulation steps, so the same command trains the same
 model on one device or several. Each checkpoint is a SmallCap directory `load_smallcap` reads, with the
@@ -40,7 +40,7 @@ _RESULT_FIELDS = ("data", "split", "retrieved", "encoder", "decoder", "reduce_fa
 
 @dataclass
 class TrainingConfig:
-    """Everything a training run depends on; the defaults are the reference's (spec §6)."""
+    """Everything a training run depends on; the defaults are the reference code's."""
 
     data: str
     output_dir: str
@@ -156,8 +156,8 @@ def _train(config: TrainingConfig, accelerator) -> Path:
     micro_batch = config.batch_size // config.gradient_accumulation_steps
     sampler = EpochShuffle(len(dataset), config.seed)
     # Its own generator, so that starting an epoch's iterator never draws from the global (dropout) RNG.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler,
-                                         collate_fn=functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id),
+    collate = functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id)  # the family's '!'
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate,
                                          num_workers=config.num_workers, generator=torch.Generator())
     batches_per_epoch = math.ceil(len(dataset) / micro_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
@@ -240,9 +240,10 @@ def _train(config: TrainingConfig, accelerator) -> Path:
 
 def _load_model(config: TrainingConfig, resume_dir: Path | None):
     """(model, tokenizer, tokenizer as shipped, image processor): new from encoder + decoder, or a checkpoint's."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from smallcap.hub import bundled_path, explain_load_errors
+    from smallcap.loading import load_image_processor
     from smallcap.modeling import SmallCap, load_smallcap
     from smallcap.prompt import load_tokenizer
 
@@ -261,8 +262,7 @@ def _load_model(config: TrainingConfig, resume_dir: Path | None):
     # as a special token and split '..' (id 492) into two ids; `load_tokenizer` sets '!' and '.' at load time.
     with explain_load_errors(source or decoder, "tokenizer"):
         plain_tokenizer = AutoTokenizer.from_pretrained(source or decoder)
-    with explain_load_errors(source or encoder, "image processor"):
-        processor = AutoImageProcessor.from_pretrained(source or encoder)
+    processor = load_image_processor(source or encoder)
     return model, tokenizer, plain_tokenizer, processor
 
 

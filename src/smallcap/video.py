@@ -1,6 +1,6 @@
 """Video input, SmallCap's MSR-VTT recipe: sample frames evenly over a clip and tile them into one image.
 
-The image captioner then captions the tile like any photo (training-free; paper §5, spec §8).
+The image captioner then captions the tile like any photo (training-free; paper §5).
 
 - Frame choice: the clip is cut into n equal segments and the frame *on screen* at the middle of each is
   taken, t_i = (i + 0.5) * duration / n (the last frame starting at or before t_i). Without duration
@@ -193,7 +193,7 @@ def _open_video(path: Path):
     av = _av()
     try:
         return av.open(str(path))
-    except (av.FFmpegError, OSError) as error:
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as error:  # garbled metadata fails to decode as text
         raise SmallCapError(f"{path}: not a readable video, corrupt or not a video container "
                             f"({_reason(error)})") from error
 
@@ -202,7 +202,7 @@ def _video_stream(container, path: Path, max_pixels: int):
     av = _av()
     streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not streams:
-        raise SmallCapError(f"{path}: has no video stream")
+        raise SmallCapError(f"{path}: has no video stream (or its stream headers are damaged)")
     stream = streams[0]
     if stream.codec_context is None:
         raise SmallCapError(f"{path}: its video stream cannot be decoded: the file is damaged or its codec is not "

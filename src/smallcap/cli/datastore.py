@@ -35,9 +35,10 @@ def register(subparsers) -> None:
     build.add_argument("--memory-budget", type=positive_float, default=4.0, metavar="GIB",
                        help="RAM for raw vectors before auto switches to a compressed index (default %(default)s)")
     build.add_argument("--max-tokens", type=non_negative_int, default=25,
-                       help="drop captions longer than this many GPT-2 tokens; 0 keeps all (default %(default)s)")
+                       help="drop captions longer than this many decoder tokens; 0 keeps all (default %(default)s)")
     build.add_argument("--tokenizer", default=None,
-                       help="GPT-2 tokenizer id or directory for --max-tokens (default: --model's, else gpt2)")
+                       help="the decoder's tokenizer (id or directory) for --max-tokens, e.g. facebook/opt-125m for "
+                            "OPT (default: --model's, else gpt2)")
     build.add_argument("--model", default=None, metavar="MODEL",
                        help="the SmallCap model the datastore is for (e.g. mini): its tokenizer measures --max-tokens")
     build.add_argument("--dedupe", action="store_true", help="keep only the first copy of identical captions")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from smallcap.cli.options import non_negative_int
+
 
 def register(subparsers) -> None:
     """Add the `demo` subcommand."""
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default="mini", help="SmallCap model (default: the bundled 'mini')")
     parser.add_argument("--datastore", action="append", metavar="DIR",
                         help="datastores to compare, repeatable (default: mini-source and mini-target)")
-    parser.add_argument("--retrieved", type=int, default=2, help="retrieved captions shown per datastore")
+    parser.add_argument("--retrieved", type=non_negative_int, default=2, help="retrieved captions shown per datastore")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.set_defaults(func=run)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from smallcap.cli.options import non_negative_int, positive_int
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("features", help="the encoder-state cache used for training")
@@ -17,8 +19,8 @@ def register(subparsers) -> None:
     extract.add_argument("--images", help="image root directory (default: guessed from the caption file)")
     extract.add_argument("--split", help="split(s) to encode, comma-separated (default: the training split)")
     extract.add_argument("--fp16", action="store_true", help="store float16 states (and compute in fp16 on GPU)")
-    extract.add_argument("--batch-size", type=int, default=64)
-    extract.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    extract.add_argument("--batch-size", type=positive_int, default=64)
+    extract.add_argument("--workers", type=non_negative_int, default=0, help="image-decoding worker processes")
     extract.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     extract.set_defaults(func=run)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import signal
 from pathlib import Path
 
-from smallcap.errors import SmallCapError
+from smallcap.errors import SmallCapError, require_extra
 
 
 def register(subparsers) -> None:
@@ -37,14 +36,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _require(module: str) -> None:
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise SmallCapError(f"`smallcap serve` needs the optional extra: pip install 'smallcap[serve]' "
-                            f"(missing module {module!r})") from None
-
-
 def validate(args) -> None:
     """Check the options before loading anything."""
     from smallcap.hub import resolve_datastore, resolve_pretrained
@@ -64,7 +55,7 @@ def validate(args) -> None:
 def run(args) -> int:
     """Start the server; returns 0 after a clean shutdown (SIGINT/SIGTERM drain in-flight requests)."""
     for module in ("fastapi", "uvicorn", "multipart", "prometheus_client"):
-        _require(module)
+        require_extra(module, "serve", "Serving over HTTP (smallcap serve)")
     validate(args)
     import uvicorn
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from smallcap.cli.options import non_negative_int, positive_float, positive_int
 from smallcap.training import TrainingConfig
 
 _DEFAULTS = TrainingConfig(data="", output_dir="")
@@ -26,22 +27,22 @@ def register(subparsers) -> None:
     parser.add_argument("--decoder", default=_DEFAULTS.decoder, help="decoder LM, path or Hub id: GPT-2 (gpt2, gpt2-medium, ...), OPT (facebook/opt-125m, ...) or XGLM (facebook/xglm-564M); the family is read from its config")
     parser.add_argument("--reduce-factor", type=int, default=_DEFAULTS.reduce_factor,
                         help="cross-attention reduce factor r (1, 2, 4, 8, 16)")
-    parser.add_argument("--k", type=int, default=_DEFAULTS.k, help="retrieved captions in the prompt")
+    parser.add_argument("--k", type=positive_int, default=_DEFAULTS.k, help="retrieved captions in the prompt")
     parser.add_argument("--sample-k-from-7", action="store_true",
                         help="draw the k prompt captions from the 7 retrieved ones at each step")
     parser.add_argument("--train-decoder", action="store_true", help="also train the whole decoder")
-    parser.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
-    parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="AdamW peak learning rate (linear decay to 0)")
-    parser.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size,
+    parser.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs)
+    parser.add_argument("--lr", type=positive_float, default=_DEFAULTS.lr, help="AdamW peak learning rate (linear decay to 0)")
+    parser.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size,
                         help="samples per optimizer step, over all processes and accumulation steps")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=_DEFAULTS.gradient_accumulation_steps)
+    parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=_DEFAULTS.gradient_accumulation_steps)
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
                         help="default: accelerate's configuration (no)")
-    parser.add_argument("--save-every-steps", type=int, help="also checkpoint every N optimizer steps")
+    parser.add_argument("--save-every-steps", type=positive_int, help="also checkpoint every N optimizer steps")
     parser.add_argument("--resume", nargs="?", const="latest",
                         help="continue from a checkpoint directory (default: the latest in --output-dir)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from smallcap.miniworld.export import WorldImage
 from smallcap.prompt import TEMPLATE, build_prompt
 
-# SmallCap's prompt (spec §3): k captions joined by blank lines, one "." after the last one.
+# SmallCap's prompt (smallcap.prompt): k captions joined by blank lines, one "." after the last one.
 PROMPT_HEAD, PROMPT_TAIL = TEMPLATE.split("||")
 
 

@@ -53,7 +53,7 @@ class Selection:
 
 
 def load_length_tokenizer(name: str = DEFAULT_LENGTH_TOKENIZER):
-    """The decoder's GPT-2 tokenizer (Hub id or directory), used to measure caption lengths."""
+    """The decoder's tokenizer (Hub id or directory; GPT-2, OPT or XGLM), used to measure caption lengths."""
     from transformers import AutoTokenizer, GPT2Tokenizer
 
     from smallcap.hub import explain_load_errors, resolve_pretrained
