@@ -345,9 +345,15 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_clip_dir):
     result = cli(*args, check=False)
     assert result.returncode == 2 and "already exists; pass --overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces a datastore or an empty folder, never a folder of the user's files.
+    with pytest.raises(SmallCapError, match="not a smallcap datastore"):
+        build_datastore([COCO_TRAIN_MINI], out, str(tiny_clip_dir), tokenizer=str(GPT2_TOKENIZER_DIR),
+                        overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     build_datastore([COCO_TRAIN_MINI], out, str(tiny_clip_dir), tokenizer=str(GPT2_TOKENIZER_DIR), overwrite=True,
                     progress=False)
-    assert not (out / "keep.txt").exists() and len(Datastore.load(out)) > 0
+    assert len(Datastore.load(out)) > 0
     assert [p.name for p in tmp_path.iterdir()] == ["store"]
 
 
