@@ -252,6 +252,8 @@ def test_every_entry_point_reads_the_same_files_alike(tmp_path):
         assert refs == [s["raw"] for s in by_id[image_id_key(image_id)]["sentences"]]
     for record in records:
         assert record.caption in {clean_caption(s["raw"]) for s in by_id[image_id_key(record.image_id)]["sentences"]}
+    tokens = [r.caption for r in read_captions(karpathy, text="tokens", splits=["train"])]
+    assert tokens == [s.caption for s in training] != [r.caption for r in records if r.split == "train"]
 
     # COCO annotations: ids agree the same way (training takes the whole file, named "val").
     coco_ids = {image_id_key(r.image_id) for r in read_captions(annotations)}

@@ -38,6 +38,10 @@ FORMATS = ("text", "json", "coco", "karpathy", "msrvtt", "jsonl", "csv", "parque
 EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
               ".parquet": "parquet", ".pq": "parquet"}
 IMAGE_COLUMNS = ("image", "image_file", "file_name", "filename", "image_path")
+# Which text of a caption a use reads. The reference builds both its training targets and its datastore from
+# Karpathy's tokens; evaluation always scores against the raw references.
+TEXT_RULES = {"raw": "the caption as written, whitespace collapsed (evaluation references, other formats)",
+              "tokens": "Karpathy files: the sentence's tokens joined by spaces (training targets)"}
 # Karpathy's "restval" images are COCO val2014 images that the split moves into training.
 DATASTORE_SPLITS = ("train", "restval")
 
@@ -98,8 +102,12 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_captions(path: str | Path, format: str | None = None, column: str = "caption", id_column: str | None = None,
-                  image_column: str | None = None, splits: Sequence[str] | None = None) -> Iterator[CaptionRecord]:
+                  image_column: str | None = None, splits: Sequence[str] | None = None,
+                  text: str = "raw") -> Iterator[CaptionRecord]:
     """Yield the caption records of one file.
+
+    `text` (see TEXT_RULES): "raw", the caption as written, whitespace-cleaned; "tokens", for Karpathy files
+    Karpathy's tokens joined by spaces (lower case, no punctuation), what the reference trains on.
 
     `format`: one of FORMATS, or None to detect it. `column`/`id_column`/`image_column`: field names for
     table-like formats. `splits`: keep only records whose split is one of these (records without a split
@@ -120,7 +128,7 @@ def read_captions(path: str | Path, format: str | None = None, column: str = "ca
     elif fmt == "parquet":
         records = _read_parquet(path, column, id_column, image_column)
     else:
-        records = _read_json_file(path, format, column, id_column, image_column)
+        records = _read_json_file(path, format, column, id_column, image_column, text)
     allowed = None if splits is None else set(splits)
     for record in records:
         if allowed is None or record.split is None or record.split in allowed:
@@ -232,7 +240,7 @@ def _read_parquet(path: Path, column: str, id_column: str | None, image_column: 
 
 
 def _read_json_file(path: Path, format: str | None, column: str, id_column: str | None,
-                    image_column: str | None) -> Iterator[CaptionRecord]:
+                    image_column: str | None, text: str = "raw") -> Iterator[CaptionRecord]:
     """Load a JSON document once, work out which JSON format it is (unless given), and read it."""
     fmt = format or "json"
     try:
@@ -242,20 +250,26 @@ def _read_json_file(path: Path, format: str | None, column: str, id_column: str 
         raise _error(path, fmt, f"not valid JSON ({error.msg}, column {error.colno})", error.lineno, column) from None
     except UnicodeDecodeError:
         raise _error(path, fmt, "not valid UTF-8", column=column) from None
-    return read_caption_data(data, path, format, column, id_column, image_column)
+    return read_caption_data(data, path, format, column, id_column, image_column, text)
 
 
 def read_caption_data(data: Any, source: str | Path, format: str | None = None, column: str = "caption",
-                      id_column: str | None = None, image_column: str | None = None) -> Iterator[CaptionRecord]:
+                      id_column: str | None = None, image_column: str | None = None,
+                      text: str = "raw") -> Iterator[CaptionRecord]:
     """The caption records of an already-loaded JSON document (`source` names it in records and errors).
 
-    `format`: json, coco, karpathy or msrvtt, or None to recognise it from the content.
+    `format`: json, coco, karpathy or msrvtt, or None to recognise it from the content; `text` as for
+    `read_captions`.
     """
+    if text not in TEXT_RULES:
+        raise ValueError(f"unknown text rule {text!r}; expected one of {', '.join(TEXT_RULES)}")
     path = Path(source)
     fmt = format or _json_kind(data)
     if fmt == "json":
         return _read_json_list(path, data, column, id_column, image_column)
-    return {"coco": _read_coco, "karpathy": _read_karpathy, "msrvtt": _read_msrvtt}[fmt](path, data)
+    if fmt == "karpathy":
+        return _read_karpathy(path, data, text)
+    return {"coco": _read_coco, "msrvtt": _read_msrvtt}[fmt](path, data)
 
 
 def _json_kind(data: Any) -> str:
@@ -307,7 +321,7 @@ def _read_coco(path: Path, data: dict) -> Iterator[CaptionRecord]:
         yield CaptionRecord(clean_caption(str(annotation["caption"])), image_id, str(path), files.get(image_id))
 
 
-def _read_karpathy(path: Path, data: dict) -> Iterator[CaptionRecord]:
+def _read_karpathy(path: Path, data: dict, text: str = "raw") -> Iterator[CaptionRecord]:
     _require_lists(path, "karpathy", data, ("images",))
     for position, image in enumerate(data["images"]):
         _require(path, "karpathy", image, ("sentences",), f"image {position}")
@@ -318,7 +332,9 @@ def _read_karpathy(path: Path, data: dict) -> Iterator[CaptionRecord]:
         image_file = str(Path(image["filepath"]) / name) if name and image.get("filepath") else name
         for sentence in image["sentences"]:
             _require(path, "karpathy", sentence, ("raw",), f"a sentence of image {position}")
-            yield CaptionRecord(clean_caption(sentence["raw"]), image_id, str(path), image_file, image.get("split"))
+            tokens = sentence.get("tokens") if text == "tokens" else None
+            caption = " ".join(map(str, tokens)) if tokens else clean_caption(sentence["raw"])
+            yield CaptionRecord(caption, image_id, str(path), image_file, image.get("split"))
 
 
 def _read_msrvtt(path: Path, data: dict) -> Iterator[CaptionRecord]:

@@ -1,8 +1,8 @@
 """Training data: (image, caption) samples, their retrieved captions, and the batches the decoder trains on.
 
-The caption readers here are the minimum training needs (COCO annotations, Karpathy splits, JSONL/CSV/Parquet
-tables); they yield `TrainingSample`s so that they can be replaced by `smallcap.data` without touching the
-training loop. One sample per (image, caption) pair, as in the reference.
+COCO annotations and Karpathy splits are read by `smallcap.data` (Karpathy text rule "tokens", as the reference
+trains); JSONL/CSV/Parquet tables are read here (id: the `image_id` column, else the image file's stem). One sample
+per (image, caption) pair, as in the reference.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smallcap.data import image_id_key, read_caption_data
 from smallcap.errors import SmallCapError
 from smallcap.modeling import PAD_TOKEN_ID
 from smallcap.prompt import MAX_CAPTION_TOKENS, collate_training_examples, training_example
@@ -99,29 +100,19 @@ def _coco_image_root(path: Path) -> Path:
 def _read_coco(path: Path, content: dict, root: Path) -> list[TrainingSample]:
     match = re.match(r"captions_([a-z]+)\d*\.json$", path.name)
     split = match.group(1) if match else None
-    files = {str(image["id"]): image.get("file_name") for image in content.get("images", [])}
-    unknown = sorted({str(a.get("image_id")) for a in content["annotations"]} - set(files))
+    records = list(read_caption_data(content, path, format="coco"))
+    unknown = sorted({image_id_key(r.image_id) for r in records if r.image_file is None})
     if unknown:
         raise SmallCapError(f"{path}: captions refer to {len(unknown)} image ids that are not in its 'images' "
                             f"list, e.g. {', '.join(unknown[:5])}")
-    return [TrainingSample(str(a["image_id"]), str(a["caption"]).strip(),
-                           root / files[str(a["image_id"])] if files[str(a["image_id"])] else None, split)
-            for a in content["annotations"]]
+    return [TrainingSample(image_id_key(r.image_id), r.caption, root / r.image_file, split) for r in records]
 
 
 def _read_karpathy(path: Path, content: dict, root: Path) -> list[TrainingSample]:
-    samples = []
-    for number, image in enumerate(content["images"]):
-        try:
-            image_id = str(image.get("cocoid", image.get("imgid", image.get("id"))))
-            file = root / image.get("filepath", "") / image["filename"]
-            for sentence in image["sentences"]:
-                # The reference trains on Karpathy's tokens joined by spaces (lower case, no punctuation).
-                caption = " ".join(sentence["tokens"]) if sentence.get("tokens") else sentence["raw"].strip()
-                samples.append(TrainingSample(image_id, caption, file, image.get("split")))
-        except (KeyError, TypeError) as error:
-            raise SmallCapError(f"{path}: image entry {number} lacks {error} (expected filename and sentences)") from error
-    return samples
+    # The reference trains on Karpathy's tokens joined by spaces (lower case, no punctuation).
+    records = read_caption_data(content, path, format="karpathy", text="tokens")
+    return [TrainingSample(image_id_key(r.image_id), r.caption, root / r.image_file if r.image_file else None, r.split)
+            for r in records]
 
 
 def _read_table(path: Path, root: Path) -> list[TrainingSample]:
