@@ -124,6 +124,7 @@ def test_oracle_retrieval_puts_captions_of_images_with_the_same_objects_first(ex
 # ---------------------------------------------------------------- the bundle
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_shows_the_domain_transfer():
     result = run_cli("demo", "--json", env=OFFLINE)
     rows = json.loads(result.stdout)
@@ -143,6 +144,7 @@ def test_demo_runs_offline_and_shows_the_domain_transfer():
             assert target_words & set(by_store["mini-target"]["caption"].split()), row
 
 
+@pytest.mark.slow
 def test_demo_table_is_readable():
     result = run_cli("demo", env=OFFLINE)
     out = result.stdout
@@ -151,6 +153,7 @@ def test_demo_table_is_readable():
     assert "Loading weights" not in result.stderr
 
 
+@pytest.mark.slow
 def test_caption_with_bundled_short_names(tmp_path):
     sample = sorted((BUNDLE_DIR / "samples").glob("target_*.png"))[0]
     result = run_cli("caption", sample, "--model", "mini", "--datastore", "mini-target", "--output",
@@ -182,6 +185,7 @@ def test_short_names_resolve_to_the_bundle_and_local_paths_win(tmp_path, monkeyp
     assert canonical_encoder_name("mini-clip") == "mini-clip"  # no such local path: still the short name
 
 
+@pytest.mark.slow
 def test_short_name_errors_are_clear(monkeypatch, tmp_path):
     with pytest.raises(SmallCapError, match="bundled datastore, not a SmallCap model"):
         resolve_pretrained("mini-target", "SmallCap model")
@@ -203,6 +207,7 @@ def test_bundle_is_small_and_packaged():
         name.startswith("target") for name in samples) >= 3
 
 
+@pytest.mark.slow
 def test_datastore_retrieve_for_a_folder_of_images(tmp_path):
     out = tmp_path / "retrieved.json"
     run_cli("datastore", "retrieve", "mini-target", "--data", BUNDLE_DIR / "samples", "--k", 6, "--keep", 3,

@@ -70,6 +70,7 @@ def test_captioning_a_photo_needs_no_optional_extra(tmp_path):
     assert record["caption"].strip()
 
 
+@pytest.mark.slow
 def test_a_video_without_the_video_extra_is_one_message(tmp_path):
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64))  # an MP4 header
@@ -85,6 +86,7 @@ def test_evaluate_without_the_eval_extra_is_one_message(tmp_path):
     assert_one_line_error(result, "eval")
 
 
+@pytest.mark.slow
 def test_train_without_the_train_extra_is_one_message(tmp_path):
     result = run_without_extras("train", VAL_CAPTIONS, "--output-dir", tmp_path / "run", "--no-retrieval",
                                 blocked=("accelerate",))
@@ -92,6 +94,7 @@ def test_train_without_the_train_extra_is_one_message(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_one_version_everywhere():
     from importlib.metadata import version
 

@@ -46,6 +46,7 @@ def test_predict_then_evaluate_coco_format(small_split, tmp_path):
     assert set(result["scores"]) >= {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
 
 
+@pytest.mark.slow
 def test_predict_karpathy_split_with_retrieved_and_resume(small_split, tmp_path):
     root, ids = small_split
     retrieved = {str(i): [f"a photo number {n}", "a picture"] for n, i in enumerate(ids)}

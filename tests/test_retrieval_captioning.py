@@ -46,6 +46,7 @@ def test_caption_with_datastores_through_cli(tiny_smallcap, stores, tiny_clip_di
         assert row["retrieved"] == [caption for _, caption in union[:4]]
 
 
+@pytest.mark.slow
 def test_one_vision_pass_serves_captioning_and_retrieval(tiny_smallcap, stores, tiny_clip_dir):
     captioner = Captioner.from_pretrained(str(tiny_smallcap), datastores=[str(stores[0])])
     assert captioner.retriever.reuses_encoder_states
@@ -59,6 +60,7 @@ def test_one_vision_pass_serves_captioning_and_retrieval(tiny_smallcap, stores, 
     assert not calls and all(len(r.retrieved) == 4 for r in results)
 
 
+@pytest.mark.slow
 def test_datastore_with_another_encoder_is_refused(tiny_smallcap, stores, tmp_path):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 

@@ -1,6 +1,9 @@
+import pytest
+
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_cli_help_lists_commands():
     result = run_cli("--help")
     assert "caption" in result.stdout
