@@ -109,17 +109,21 @@ def test_plan_shards_reads_every_input_kind(tmp_path):
 @pytest.mark.slow
 def test_ray_predict_matches_local_and_resumes(cluster, local_captions, tmp_path):
     """Tars (brace notation) and a folder through the actor pool: the same captions as single-process predict,
-    one file per shard; a rerun redoes only a missing shard; other settings in the same folder are refused."""
+    one file per shard; an unreadable image is reported and left out, and its shard is redone by a rerun, as is
+    a missing shard, the others are kept; other settings in the same folder are refused."""
     for number in range(2):
         write_webdataset(tmp_path / f"{number:05d}.tar", IMAGES[number * 5:number * 5 + 5])
     folder = tmp_path / "folder"
     folder.mkdir()
     for image in IMAGES[10:22]:
         (folder / image.name).symlink_to(image)
+    (folder / "broken.jpg").write_bytes(b"not a JPEG")  # sorts last: in the last shard
     shards = plan_shards([str(tmp_path / "{00000..00001}.tar"), str(folder)], shard_size=5)
+    assert [s.name for s in shards] == ["tar-00000", "tar-00001", "part-00002", "part-00003", "part-00004"]
     out = tmp_path / "preds.json"
     report = predict_on_ray(shards, out, OPTIONS, num_workers=1, batch_size=4, progress=False)
-    assert (report.shards_done, report.shards_resumed, report.captioned, report.failed) == (5, 0, 22, {})
+    assert (report.shards_done, report.shards_resumed, report.captioned) == (5, 0, 22)
+    assert list(report.failed) == ["broken"] and "broken.jpg" in report.failed["broken"]
     rows = json.loads(out.read_text())
     expected_ids = [f"img-{p.stem}" for p in IMAGES[:10]] + [int(p.stem) for p in IMAGES[10:22]]
     assert [row["image_id"] for row in rows] == expected_ids
@@ -128,10 +132,13 @@ def test_ray_predict_matches_local_and_resumes(cluster, local_captions, tmp_path
     assert sorted(p.name for p in shard_dir.iterdir()) == sorted(f"{s.name}.jsonl" for s in shards)
     first = read_output_shard(shard_dir / "tar-00000.jsonl")
     assert len(first) == 5 and all(len(row["retrieved"]) == 4 for row in first)
+    assert read_output_shard(shard_dir / "part-00004.jsonl") is None  # holds an error: not finished
 
     (shard_dir / "part-00003.jsonl").unlink()
+    kept = (shard_dir / "tar-00000.jsonl").stat().st_mtime_ns
     again = predict_on_ray(shards, out, OPTIONS, num_workers=1, batch_size=4, progress=False)
-    assert (again.shards_done, again.shards_resumed) == (1, 4)
+    assert (again.shards_done, again.shards_resumed, list(again.failed)) == (2, 3, ["broken"])
+    assert (shard_dir / "tar-00000.jsonl").stat().st_mtime_ns == kept
     assert json.loads(out.read_text()) == rows
 
     with pytest.raises(SmallCapError, match="other inputs or settings"):
@@ -231,8 +238,9 @@ def test_ray_datastore_build_matches_single_process(cluster, tmp_path):
         manifest["inputs"] = [{**item, "path": Path(item["path"]).name} for item in manifest["inputs"]]
     assert manifests[0] == manifests[1]
     vectors = [faiss.read_index(str(tmp_path / side / "index.faiss")) for side in ("ray", "local")]
-    assert np.array_equal(vectors[0].reconstruct_n(0, vectors[0].ntotal), vectors[1].reconstruct_n(0, vectors[1].ntotal))
-    queries = vectors[1].reconstruct_n(0, 50) + np.random.default_rng(0).normal(0, 0.05, (50, vectors[1].d)).astype(np.float32)
+    rows = [index.reconstruct_n(0, index.ntotal) for index in vectors]
+    assert np.array_equal(rows[0], rows[1])
+    queries = rows[1][:50] + np.random.default_rng(0).normal(0, 0.05, (50, rows[1].shape[1])).astype(np.float32)
     assert distributed.search(queries, 8).captions == local.search(queries, 8).captions
 
 

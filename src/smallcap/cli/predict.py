@@ -103,7 +103,7 @@ def run_on_ray(args) -> int:
     options = captioner_options(args)
     report = predict_on_ray(shards, args.out, options, output_dir=args.output_dir, address=args.address,
                             num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-                            batch_size=args.batch_size, video_options=options["video"])
+                            batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"smallcap predict: {report.shards_done} shards captioned, {report.shards_resumed} already done, "
           f"{report.captioned} images, {len(report.failed)} failed -> {report.output}", file=sys.stderr)
     for image_id, reason in report.failed.items():

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from smallcap.errors import SmallCapError, require_extra
+from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS
 from smallcap.io import atomic_write_json, atomic_write_text
 from smallcap.scale.sources import InputShard, Item, open_item, read_shard
 
@@ -80,17 +81,18 @@ def read_output_shard(path: Path) -> list[dict] | None:
     return None if any("error" in row for row in rows) else rows
 
 
-def _check_plan(output_dir: Path, plan: dict) -> None:
-    """Refuse to mix outputs of other inputs or settings into `output_dir`; record the plan for reruns."""
+def _check_plan(output_dir: Path, plan: dict, overwrite: bool = False) -> None:
+    """Refuse to mix outputs of other inputs or settings into `output_dir` (unless `overwrite`); record the plan
+    for reruns."""
     path = output_dir / PLAN_FILE
-    if path.exists():
+    if path.exists() and not overwrite:
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             previous = None
         if previous != plan:
             raise SmallCapError(f"{output_dir} holds outputs of a job with other inputs or settings ({path}); "
-                                "pass another --output-dir, or delete that folder to start over")
+                                "pass another --output-dir, or --overwrite to redo every shard")
     atomic_write_json(path, plan)
 
 
@@ -103,7 +105,8 @@ def _expand(row: dict[str, Any]) -> list[dict[str, Any]]:
              "name": ""}, *rows]
 
 
-def _decode(batch: dict[str, np.ndarray], video_options=None) -> dict[str, np.ndarray]:
+def _decode(batch: dict[str, np.ndarray], video_options=None,
+            max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """Files and tar members to raw RGB pixels (`pixels` bytes + `height`, `width`), or an `error`."""
     pixels, heights, widths, errors = [], [], [], []
     for position, path, data, name in zip(batch["position"], batch["path"], batch["data"], batch["name"]):
@@ -111,7 +114,7 @@ def _decode(batch: dict[str, np.ndarray], video_options=None) -> dict[str, np.nd
         if position >= 0:
             try:
                 array = np.asarray(open_item(Item("", int(position), path=str(path) or None, data=bytes(data),
-                                                  name=str(name)), video_options))
+                                                  name=str(name)), video_options, max_pixels))
             except SmallCapError as failure:
                 error = str(failure)
         pixels.append(array.tobytes())
@@ -161,15 +164,17 @@ def _write_shard(output_dir: Path, name: str, rows: dict[int, dict]) -> list[dic
 
 def predict_on_ray(shards: Sequence[InputShard], output: str | os.PathLike, captioner_options: dict[str, Any], *,
                    output_dir: str | os.PathLike | None = None, address: str | None = None, num_workers: int = 1,
-                   gpus_per_worker: float = 0.0, batch_size: int = 16, video_options=None,
+                   gpus_per_worker: float = 0.0, batch_size: int = 16, overwrite: bool = False,
                    progress: bool = True) -> RayPredictionReport:
     """Caption `shards` on Ray and write the merged `[{"image_id", "caption"}]` file `output` atomically.
 
-    `captioner_options` are `Captioner.from_pretrained` keyword arguments (each actor loads its own captioner).
+    `captioner_options` are `Captioner.from_pretrained` keyword arguments (each actor loads its own captioner;
+    decoding tasks use its `video` and `max_image_pixels`).
     Per-shard JSONL files (`image_id`, `caption`, `retrieved`, or `error`) go to `output_dir/shards/`
     (default: `OUTPUT.shards/` next to `output`); finished shards there are reused on a rerun with the same
-    inputs and settings. As with local `predict`, images that cannot be captioned are left out of the merged
-    file and listed in the report; their shards are redone on a rerun.
+    inputs and settings (other ones are refused unless `overwrite`, which redoes every shard). As with local
+    `predict`, images that cannot be captioned are left out of the merged file and listed in the report; their
+    shards are redone on a rerun.
     """
     output = Path(output)
     output_dir = Path(output_dir) if output_dir is not None else output.with_name(output.name + ".shards")
@@ -181,17 +186,16 @@ def predict_on_ray(shards: Sequence[InputShard], output: str | os.PathLike, capt
         raise SmallCapError(f"--out {output} is a directory; give the predictions file to write")
     names = [shard.name for shard in shards]
     plan = {"shards": [{"name": s.name, "tar": s.tar, "items": [list(i) for i in s.items]} for s in shards],
-            "captioner": json.loads(json.dumps(captioner_options, default=repr)),
-            "video": repr(video_options)}
-    _check_plan(output_dir, plan)
-    finished = {name: read_output_shard(_shard_path(output_dir, name)) for name in names}
+            "captioner": json.loads(json.dumps(captioner_options, default=repr))}
+    _check_plan(output_dir, plan, overwrite)
+    finished = {name: None if overwrite else read_output_shard(_shard_path(output_dir, name)) for name in names}
     todo = [shard for shard in shards if finished[shard.name] is None]
     done_now = 0
     if todo:
         started = connect(address)
         try:
             done_now = _run(todo, output_dir, captioner_options, num_workers, gpus_per_worker, batch_size,
-                            video_options, finished, progress)
+                            finished, progress)
         finally:
             if started:
                 import_ray().shutdown()
@@ -213,7 +217,7 @@ def predict_on_ray(shards: Sequence[InputShard], output: str | os.PathLike, capt
 
 
 def _run(todo: Sequence[InputShard], output_dir: Path, captioner_options: dict, num_workers: int,
-         gpus_per_worker: float, batch_size: int, video_options, finished: dict, progress: bool) -> int:
+         gpus_per_worker: float, batch_size: int, finished: dict, progress: bool) -> int:
     """Run the pipeline over the unfinished shards; write each shard as soon as all of its rows are back."""
     ray = import_ray()
     from tqdm.auto import tqdm
@@ -224,8 +228,10 @@ def _run(todo: Sequence[InputShard], output_dir: Path, captioner_options: dict, 
                .flat_map(_expand)
                # Half a CPU per decode task: unlike the actors' one, this keeps Ray Data from fusing decoding
                # into the captioning actors, so decoding runs in parallel CPU tasks, as planned.
-               .map_batches(_decode, batch_size=batch_size, fn_kwargs={"video_options": video_options},
-                            num_cpus=0.5)
+               .map_batches(_decode, batch_size=batch_size, num_cpus=0.5,
+                            fn_kwargs={"video_options": captioner_options.get("video"),
+                                       "max_pixels": captioner_options.get("max_image_pixels",
+                                                                           DEFAULT_MAX_IMAGE_PIXELS)})
                .map_batches(CaptionWorker, fn_constructor_kwargs={"options": captioner_options},
                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_workers),
                             num_cpus=1, num_gpus=gpus_per_worker or None,

@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 from smallcap import video
 from smallcap.data import IMAGE_COLUMNS
 from smallcap.errors import SmallCapError
-from smallcap.images import IMAGE_EXTENSIONS, expand_inputs
+from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, expand_inputs
 
 ImageId = int | str
 PATH_COLUMNS = ("path", *IMAGE_COLUMNS)
@@ -223,17 +223,11 @@ def read_shard(shard: InputShard) -> Iterator[Item]:
             position += 1
 
 
-def open_item(item: Item, options=None):
-    """The item as an RGB PIL image (a video file becomes its tiled frames); SmallCapError if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    from smallcap.images import load_image
+def open_item(item: Item, options=None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    """The item as an RGB PIL image (a video file becomes its tiled frames); SmallCapError if unreadable or
+    larger than `max_pixels` (None: no limit), checked from the header as `load_image` does."""
+    from smallcap.images import decode_image, load_image
 
     if item.path is not None:
-        return load_image(item.path, options)
-    try:
-        with Image.open(io.BytesIO(item.data)) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise SmallCapError(f"{item.name}: unreadable image ({error})") from None
+        return load_image(item.path, options, max_pixels=max_pixels)
+    return decode_image(io.BytesIO(item.data), item.name, max_pixels=max_pixels)
