@@ -4,10 +4,11 @@ The server is a real `smallcap serve` subprocess on 127.0.0.1 (retrieval from th
 datastore, beam 3, 25 new tokens); each of C concurrent clients sends R single-image requests with real COCO
 images from ../shared/data/coco-mini. Right after each load test, in the same process, on the same model files,
 images and thread count, the offline `Captioner` captions the same number of images in batches of C (the
-throughput batching can reach; for C = 1, direct single-image calls and their latency). Reported: served images/s, p50/p95/p99 latency, errors, and the ratios
+throughput batching can reach, batches capped at the server's --max-batch; for C = 1, direct single-image
+calls and their latency). Reported: served images/s, p50/p95/p99 latency, errors, and the ratios
 served / offline.
 
-    python benchmarks/serve_load.py [--models mini real-size] [--clients 1 4 16] [--requests 4] [--threads 1]
+    python benchmarks/serve_load.py [--models mini real-size] [--clients 1 4 16 64] [--requests 2] [--threads 1]
 
 `real-size` is the real architecture (CLIP ViT-B/32 vision + GPT-2 small, r=4) with random weights, built as
 benchmarks/caption_throughput.py builds it and saved to a temporary checkpoint directory.
@@ -139,7 +140,7 @@ def run_model(name: str, model: str, args) -> dict:
     load_before = [round(x, 2) for x in os.getloadavg()]
     captioner = Captioner.from_pretrained(model, datastores=[DATASTORE])
     captioner(paths[:1], batch_size=1)  # warm-up
-    server, url = start_server(model, args.threads, max(args.clients))
+    server, url = start_server(model, args.threads, args.max_batch)
     rows = []
     try:
         httpx.post(url + "/v1/captions", files={"files": (paths[0].name, paths[0].read_bytes(), "image/jpeg")},
@@ -152,7 +153,9 @@ def run_model(name: str, model: str, args) -> dict:
                 row["offline_single_call_p50_ms"] = single["p50_ms"]
                 row["p50_ratio_vs_single_call"] = round(row["p50_ms"] / single["p50_ms"], 3)
             else:
-                row["offline_images_per_second"] = offline_batch(captioner, paths, clients, row["requests"])
+                row["offline_batch_size"] = min(clients, args.max_batch)
+                row["offline_images_per_second"] = offline_batch(captioner, paths, row["offline_batch_size"],
+                                                                 row["requests"])
             row["throughput_ratio_vs_offline"] = round(row["images_per_second"] / row["offline_images_per_second"], 3)
             rows.append(row)
             print(name, json.dumps(row), flush=True)
@@ -170,6 +173,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="single-image requests per client")
     parser.add_argument("--images", type=int, default=16, help="distinct COCO images cycled through")
     parser.add_argument("--single-calls", type=int, default=4, help="direct single-image calls timed offline")
+    parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (offline batch cap)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, server and offline alike")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve_load.json")
     args = parser.parse_args()
@@ -194,7 +198,7 @@ def write(args, rows: list[dict]) -> None:
         "benchmark": "serve_load",
         "setup": {"datastore": DATASTORE, "num_beams": 3, "max_new_tokens": 25, "requests_per_client":
                   args.requests, "images": args.images, "threads": args.threads, "server": "smallcap serve, "
-                  "--max-wait-ms 10, --max-batch = largest client count", "torch": torch.__version__,
+                  f"--max-wait-ms 10, --max-batch {args.max_batch}", "torch": torch.__version__,
                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "results": rows,
     }

@@ -88,6 +88,7 @@ def test_retrieval_disabled_ignores_given_retrieved_captions(captioner):
     assert all(r.retrieved == [] for r in results)
 
 
+@pytest.mark.slow
 def test_cli_matches_retrieved_by_integer_id_and_reports_bad_files(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -105,6 +106,7 @@ def test_cli_matches_retrieved_by_integer_id_and_reports_bad_files(tmp_path):
     assert "1 of 3 inputs could not be captioned" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_clear_errors(tmp_path):
     image = golden.image_paths()[0]
     cases = [

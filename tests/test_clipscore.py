@@ -130,6 +130,7 @@ def test_scores_equal_a_direct_computation_with_the_encoder(coco_split, tiny_cli
     assert karpathy["scores"] == pytest.approx(result["scores"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_clipscore_next_to_coco_metrics(coco_split, tiny_clip_dir, tmp_path):
     root, images, _ = coco_split
     out, per_image = tmp_path / "scores.json", tmp_path / "per_image.json"

@@ -97,6 +97,7 @@ def test_build_filters_by_per_caption_gpt2_length(coco_store, gpt2):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_text_query_returns_the_caption_itself_first_and_images_work(coco_store, encoder):
     caption = "A black Honda motorcycle parked in front of a garage."
     image = sorted((COCO_MINI / "val2017").glob("*.jpg"))[0]
@@ -152,6 +153,7 @@ def test_combined_datastores_return_the_unions_best_k(coco_store, mini_store, en
     assert isinstance(load_datastores([coco_store.directory, mini_store.directory]), MultiDatastore)
 
 
+@pytest.mark.slow
 def test_encoder_mismatch_is_an_error(tmp_path, coco_store, mini_store, gpt2):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
@@ -177,6 +179,7 @@ def test_encoder_mismatch_is_an_error(tmp_path, coco_store, mini_store, gpt2):
     assert result.returncode == 2 and "smallcap datastore: error: encoder mismatch" in result.stderr
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_and_matches_an_uninterrupted_build(tmp_path, coco_store, tiny_clip_dir):
     out, work = tmp_path / "resumed", tmp_path / ".resumed.build"
     args = ["datastore", "build", str(COCO_VAL_CAPTIONS), "--out", str(out), "--encoder", str(tiny_clip_dir),
@@ -280,6 +283,7 @@ def test_choose_index_policy():
         choose_index(10, 8, "annoy")
 
 
+@pytest.mark.slow
 def test_import_published_datastore(tmp_path, encoder, tiny_clip_dir):
     captions = [r.caption for r in read_captions(COCO_TRAIN_MINI)]
     vectors = encoder.embed_texts(captions)
@@ -331,6 +335,7 @@ def test_bad_build_input_errors_and_leaves_nothing(tmp_path, encoder, gpt2, case
     assert set(tmp_path.iterdir()) == before  # neither the datastore nor a work directory
 
 
+@pytest.mark.slow
 def test_existing_output_needs_overwrite(tmp_path, tiny_clip_dir):
     out = tmp_path / "store"
     out.mkdir()
@@ -340,9 +345,15 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_clip_dir):
     result = cli(*args, check=False)
     assert result.returncode == 2 and "already exists; pass --overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces a datastore or an empty folder, never a folder of the user's files.
+    with pytest.raises(SmallCapError, match="not a smallcap datastore"):
+        build_datastore([COCO_TRAIN_MINI], out, str(tiny_clip_dir), tokenizer=str(GPT2_TOKENIZER_DIR),
+                        overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     build_datastore([COCO_TRAIN_MINI], out, str(tiny_clip_dir), tokenizer=str(GPT2_TOKENIZER_DIR), overwrite=True,
                     progress=False)
-    assert not (out / "keep.txt").exists() and len(Datastore.load(out)) > 0
+    assert len(Datastore.load(out)) > 0
     assert [p.name for p in tmp_path.iterdir()] == ["store"]
 
 

@@ -88,6 +88,7 @@ def test_cli_equals_cocoevalcap_on_coco_val2017(tmp_path, monkeypatch):
     assert f"{100 * expected.eval['CIDEr']:.2f}" in table and "SPICE unavailable" in table
 
 
+@pytest.mark.slow
 def test_karpathy_split_file_gives_the_coco_format_scores(tmp_path, mini):
     refs, preds = mini
     coco = json.loads(refs.read_text())
@@ -156,6 +157,7 @@ def odd_run(tmp_path_factory, mini):
             json.loads((tmp / "spaced_images.json").read_text()))
 
 
+@pytest.mark.slow
 def test_line_breaks_and_non_ascii_text_keep_captions_on_their_images(odd_run):
     _, result, odd_images, spaced_images = odd_run
     assert "warning: 2 predicted captions contained line-break characters" in result.stderr
@@ -166,6 +168,7 @@ def test_line_breaks_and_non_ascii_text_keep_captions_on_their_images(odd_run):
     assert all(img["CIDEr"] > 0 and img["METEOR"] > 5 for img in odd_images[8:12])
 
 
+@pytest.mark.slow
 def test_empty_captions_are_counted_and_scored_as_empty(odd_run):
     predictions, result, images, _ = odd_run
     ids = f"{predictions[4]['image_id']}, {predictions[7]['image_id']}"

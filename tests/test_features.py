@@ -106,6 +106,7 @@ def test_missing_files_fail_up_front_and_broken_images_are_skipped_and_counted(c
     assert "999" not in cache and "999" in cache.skipped and len(cache) == 2
 
 
+@pytest.mark.slow
 def test_cli_extracts_a_coco_split_and_is_resumable(tiny_clip_dir, tmp_path):
     annotations = COCO_MINI / "annotations" / "captions_train2017.json"
     out = tmp_path / "features"

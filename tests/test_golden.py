@@ -133,6 +133,7 @@ def test_captions_through_python_api(name, kwargs):
     ("gen_rag_greedy.json", ["--retrieved", str(GOLDEN / "retrieved_caps.json"), "--num-beams", "1"]),
     ("gen_norag_beam3.json", ["--no-retrieval"]),
 ])
+@pytest.mark.slow
 def test_captions_through_cli(tmp_path, name, flags):
     out = tmp_path / "captions.jsonl"
     run_cli("caption", GOLDEN / "images", "--model", GOLDEN, "--batch-size", "3", "--output", out, *flags)

@@ -67,6 +67,7 @@ def test_msrvtt_references_by_split(msrvtt):
         evaluate(root / "annotations.json", preds, split="test", metrics=["BLEU"])
 
 
+@pytest.mark.slow
 def test_paper_msrvtt_experiment_through_the_cli(msrvtt, tiny_smallcap, tiny_clip_dir, tmp_path):
     root, captions = msrvtt
     annotations, videos = root / "annotations.json", root / "videos"

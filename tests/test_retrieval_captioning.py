@@ -30,6 +30,7 @@ def stores(tiny_clip_dir, tmp_path_factory):
     return root / "train", root / "val"
 
 
+@pytest.mark.slow
 def test_caption_with_datastores_through_cli(tiny_smallcap, stores, tiny_clip_dir, tmp_path):
     out = tmp_path / "captions.jsonl"
     run_cli("caption", *IMAGES, "--model", tiny_smallcap, "--datastore", stores[0], "--datastore", stores[1],

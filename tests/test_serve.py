@@ -220,3 +220,18 @@ def test_openapi_documents_the_api(server):
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert "CaptionJSONRequest" in schema["components"]["schemas"]
     assert server.get("/docs").status_code == 200
+
+
+def test_a_video_upload_is_captioned_as_the_api_captions_the_file(server, engine, tmp_path):
+    pytest.importorskip("av", reason="needs the video extra")
+    import numpy as np
+    from test_video import write_clip
+
+    frames = [np.asarray(Image.open(p).convert("RGB").resize((160, 120))) for p in IMAGES[:4] for _ in range(6)]
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, "libx264", frames, fps=12)
+    expected = api_captions(engine, [clip], ["mini-source"])["clip.mp4"]
+    files = [("files", ("clip.mp4", clip.read_bytes(), "video/mp4"))]
+    result = server.post("/v1/captions", files=files).json()["results"][0]
+    assert result["error"] is None and result["caption"] == expected["caption"]
+    assert [r["caption"] for r in result["retrieved"]] == expected["retrieved"]

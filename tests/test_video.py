@@ -443,6 +443,7 @@ def test_list_split_videos_reports_missing_files_and_bad_annotations(clips, tmp_
 # ------------------------------------------------------------------------------- captioning video inputs
 
 
+@pytest.mark.slow
 def test_videos_and_images_captioned_together_through_cli_and_api(tmp_path):
     """A clip made of four real COCO photos (one per segment) is captioned like its 2x2 tile."""
     from conftest import GOLDEN, run_cli

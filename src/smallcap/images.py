@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import BinaryIO, Iterable, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -98,18 +98,25 @@ def load_image(source: ImageInput, video_options: VideoOptions | None = None,
         if options.save_tiles is not None:
             video.save_tile(tile, path, options.save_tiles)
         return tile
+    return decode_image(path, str(path), max_pixels)
+
+
+def decode_image(source: str | os.PathLike | BinaryIO, name: str,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode a still image (a path or a binary file object, `name` in messages) as RGB, refusing from its header
+    one with more than `max_pixels` pixels (None: no limit). Raises SmallCapError naming `name`."""
     try:
-        with _pixel_limit(max_pixels), Image.open(path) as image:
+        with _pixel_limit(max_pixels), Image.open(source) as image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
-                raise SmallCapError(f"{path}: {width}x{height} image has {width * height:,} pixels, more than the "
+                raise SmallCapError(f"{name}: {width}x{height} image has {width * height:,} pixels, more than the "
                                     f"{max_pixels:,}-pixel limit (raise it with --max-image-pixels)")
             image.load()
             return image.convert("RGB")
     except UnidentifiedImageError:
-        raise SmallCapError(f"{path}: not an image file (unrecognised format)") from None
+        raise SmallCapError(f"{name}: not an image file (unrecognised format)") from None
     except OSError as error:
-        raise SmallCapError(f"{path}: unreadable image ({error})") from None
+        raise SmallCapError(f"{name}: unreadable image ({error})") from None
 
 
 class _pixel_limit:

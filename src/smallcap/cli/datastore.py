@@ -121,9 +121,10 @@ def run_build(args: argparse.Namespace) -> int:
     tokenizer = args.tokenizer
     if tokenizer is None and args.model is not None and args.max_tokens:
         from smallcap.hub import bundled_path, local_snapshot
+        from smallcap.loading import TOKENIZER_FILES
 
         directory = Path(local_snapshot(args.model))
-        if any((directory / name).exists() for name in ("tokenizer.json", "vocab.json")):
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
             tokenizer = args.model if bundled_path(args.model) else str(directory)
         # else a published checkpoint without its own tokenizer: its decoder is GPT-2, the default
     embedder = None

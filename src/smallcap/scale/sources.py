@@ -226,19 +226,8 @@ def read_shard(shard: InputShard) -> Iterator[Item]:
 def open_item(item: Item, options=None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """The item as an RGB PIL image (a video file becomes its tiled frames); SmallCapError if unreadable or
     larger than `max_pixels` (None: no limit), checked from the header as `load_image` does."""
-    from PIL import Image, UnidentifiedImageError
-
-    from smallcap.images import load_image
+    from smallcap.images import decode_image, load_image
 
     if item.path is not None:
         return load_image(item.path, options, max_pixels=max_pixels)
-    try:
-        with Image.open(io.BytesIO(item.data)) as image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise SmallCapError(f"{item.name}: {width}x{height} image has {width * height:,} pixels, more than "
-                                    f"the {max_pixels:,}-pixel limit (raise it with --max-image-pixels)")
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise SmallCapError(f"{item.name}: unreadable image ({error})") from None
+    return decode_image(io.BytesIO(item.data), item.name, max_pixels=max_pixels)
