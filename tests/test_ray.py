@@ -38,8 +38,9 @@ def cluster():
     ray.shutdown()
 
 
-def single_process_captions() -> dict[str, str]:
-    """Captions of every coco-mini val image by the single-process `predict` (file name -> caption)."""
+def single_process_captions(images: list[Path] = IMAGES) -> dict[str, str]:
+    """Captions of `images` (default: every coco-mini val image) by the single-process `predict`
+    (file name -> caption)."""
     import torch
 
     from smallcap.captioner import Captioner
@@ -48,7 +49,7 @@ def single_process_captions() -> dict[str, str]:
     torch.set_num_threads(1)
     captioner = Captioner.from_pretrained(**OPTIONS)
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"smallcap-ray-local-{os.getpid()}.json"
-    predict(captioner, [(path.name, path) for path in IMAGES], out, batch_size=16, progress=False)
+    predict(captioner, [(path.name, path) for path in images], out, batch_size=16, progress=False)
     captions = {row["image_id"]: row["caption"] for row in json.loads(out.read_text())}
     out.unlink()
     return captions

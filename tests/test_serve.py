@@ -136,6 +136,7 @@ def test_one_bad_input_gets_its_error_the_others_their_captions(server, cli_sour
     assert only_bad.status_code == 415 and "notes.jpg" in only_bad.json()["detail"]
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns while reading the header
 def test_limits_and_invalid_options(server):
     big = server.post("/v1/captions", files=[("files", ("big.jpg", b"\0" * (3 * 1024 * 1024), "image/jpeg"))])
     assert big.status_code == 413

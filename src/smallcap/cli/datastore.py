@@ -54,7 +54,7 @@ def register(subparsers) -> None:
     build.add_argument("--engine", choices=["local", "ray"], default="local",
                        help="ray: embed the shards with an actor pool on a Ray cluster (needs smallcap[ray])")
     build.add_argument("--address", default=None, help="--engine ray: cluster to join (default: a local one)")
-    build.add_argument("--num-workers", type=int, default=1, help="--engine ray: embedding actors (default 1)")
+    build.add_argument("--num-workers", type=positive_int, default=1, help="--engine ray: embedding actors (default 1)")
     build.add_argument("--gpus-per-worker", type=float, default=0.0, help="--engine ray: GPUs per actor")
     build.set_defaults(func=run_build)
 

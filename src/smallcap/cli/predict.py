@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from smallcap.cli.caption import add_captioner_arguments, build_captioner
+from smallcap.cli.options import positive_int
 from smallcap.errors import SmallCapError
 
 
@@ -32,11 +33,11 @@ def register(subparsers) -> None:
                        help="local: this process (default); ray: a Ray Data job, one output file per input shard")
     scale.add_argument("--address", default=None,
                        help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local one)")
-    scale.add_argument("--num-workers", type=int, default=1, help="captioning actors (default 1)")
+    scale.add_argument("--num-workers", type=positive_int, default=1, help="captioning actors (default 1)")
     scale.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per captioning actor (default 0)")
     scale.add_argument("--output-dir", type=Path, default=None,
                        help="per-shard JSONL outputs, reused by a rerun (default: PREDS.json.shards/)")
-    scale.add_argument("--shard-size", type=int, default=1000,
+    scale.add_argument("--shard-size", type=positive_int, default=1000,
                        help="images per output shard for inputs that are not tar files (default 1000)")
     parser.set_defaults(func=run)
 
@@ -99,6 +100,10 @@ def run_on_ray(args) -> int:
     if args.features is not None or args.retrieved is not None:
         raise SmallCapError("--features and --retrieved are not supported with --engine ray; retrieval runs in "
                             "the captioning workers (--datastore) or is off (--no-retrieval)")
+    if args.output_dir is not None:
+        from smallcap.io import check_output_dir
+
+        check_output_dir(args.output_dir, "--output-dir")
     shards = plan_shards(args.data, split=args.split, images_dir=args.images_dir, format=args.format,
                          shard_size=args.shard_size)
     options = captioner_options(args)

@@ -49,6 +49,8 @@ class RayShardEmbedder:
 
         if num_workers < 1:
             raise SmallCapError(f"--num-workers must be at least 1 (got {num_workers})")
+        if gpus_per_worker < 0:
+            raise SmallCapError(f"--gpus-per-worker must not be negative (got {gpus_per_worker})")
         self.options: dict[str, Any] = {"encoder": encoder, "device": device, "batch_size": batch_size}
         self.num_workers, self.gpus_per_worker, self.address = num_workers, gpus_per_worker, address
 

@@ -12,7 +12,6 @@ import io
 import json
 import re
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def _safe_name(name: str) -> str:
 def decode_uploads(uploads: list[Upload], video_options=None) -> list[Image.Image | str]:
     """Each upload as an RGB image, or the error message `smallcap caption` would give for that file.
 
-    Raises RequestError(413) for an image with more pixels than PIL's decompression-bomb limit. Still images
+    Raises RequestError(413) for an image over the pixel limit of the CLI's loader (a decompression bomb). Still images
     are decoded in memory; anything else (videos, animated GIFs, unreadable data) is written to a private
     temporary directory and read by the CLI's loader, so videos work and errors are worded alike.
     """
@@ -143,22 +142,29 @@ def decode_uploads(uploads: list[Upload], video_options=None) -> list[Image.Imag
     return decoded
 
 
-def _still_image(upload: Upload) -> Image.Image | None:
-    """The upload as an RGB image when it is a single-frame still image, else None."""
-    limit = Image.MAX_IMAGE_PIXELS
+def _still_image(upload: Upload) -> Image.Image | str | None:
+    """The upload as an RGB image (or the CLI's error for it) when its header says single-frame still image;
+    None for anything else (videos, animated GIFs, unrecognised data), which the CLI's loader then reads."""
+    from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+
+    limit = DEFAULT_MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(upload.data)) as image:
-                if getattr(image, "n_frames", 1) > 1:  # animated: a video to the CLI
-                    return None
-                image.load()
-                return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        with Image.open(io.BytesIO(upload.data)) as probe:  # the header only
+            width, height = probe.size
+            animated = getattr(probe, "n_frames", 1) > 1
+    except Image.DecompressionBombError:
         raise RequestError(413, f"{upload.name}: image has more pixels than the limit of {limit} "
                                 "(a decompression bomb?)") from None
-    except Exception:  # not a readable still image: the CLI's loader says why
+    except Exception:
         return None
+    if limit is not None and width * height > limit:
+        raise RequestError(413, f"{upload.name}: {width}x{height} image exceeds the limit of {limit} pixels")
+    if animated:
+        return None
+    try:
+        return decode_image(io.BytesIO(upload.data), upload.name)
+    except SmallCapError as error:
+        return str(error)
 
 
 def _load_from_file(upload: Upload, directory: Path, video_options) -> Image.Image | str:
