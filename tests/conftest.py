@@ -28,19 +28,6 @@ for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-# Test files that must share one xdist worker: the miniworld files share the session's small world (built once,
-# ~9 minutes), and the Ray files must not run two clusters at once (a driver may attach to another's cluster).
-WORKER_GROUPS = {"test_miniworld.py": "miniworld", "test_miniworld_pipeline.py": "miniworld",
-                 "test_ray.py": "ray", "test_ray_cluster.py": "ray"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = WORKER_GROUPS.get(item.path.name)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
 def pytest_configure(config):
     if not SHARED.is_dir():
         raise pytest.UsageError(f"shared data not found at {SHARED}; set SMALLCAP_SHARED")

@@ -33,7 +33,7 @@ OPTIONS = {"model": "mini", "datastores": ["mini-source"]}
 @pytest.fixture(scope="module")
 def cluster():
     """A real local Ray cluster for this module's pipeline tests, shut down at the end."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
