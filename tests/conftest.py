@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,25 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def coco_training_files(out: Path, n_images: int) -> dict:
+    """A COCO-format caption file for the first `n_images` real train images of coco-mini in `out`, and the
+    retrieved-captions file (for each image, the first caption of each of the next 7 images: never its own)."""
+    full = json.loads((COCO_MINI / "annotations" / "captions_train2017.json").read_text())
+    images = sorted(full["images"], key=lambda image: image["id"])
+    first = {}
+    for annotation in sorted(full["annotations"], key=lambda a: a["id"]):
+        first.setdefault(annotation["image_id"], annotation["caption"].strip())
+    chosen = {image["id"] for image in images[:n_images]}
+    data = out / "captions_train2017.json"
+    data.write_text(json.dumps({"images": images[:n_images],
+                                "annotations": [a for a in full["annotations"] if a["image_id"] in chosen]}))
+    ids = [image["id"] for image in images]
+    retrieved = {str(q): [first[ids[(i + j) % len(ids)]] for j in range(1, 8)] for i, q in enumerate(ids)}
+    (out / "retrieved.json").write_text(json.dumps(retrieved))
+    return {"data": data, "retrieved": out / "retrieved.json", "images": COCO_MINI / "train2017", "dir": out,
+            "files": [COCO_MINI / "train2017" / image["file_name"] for image in images[:n_images]]}
 
 
 def run_cli(*args: str, check: bool = True, cwd: Path | None = None, env: dict | None = None):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import COCO_MINI, SHARED, run_cli
+from conftest import SHARED, coco_training_files, run_cli
 from smallcap.captioner import Captioner
 from smallcap.errors import SmallCapError
 from smallcap.modeling import SmallCap, SmallCapConfig, load_smallcap
@@ -40,22 +40,8 @@ BUILDERS = {"this_opt": _tiny_opt, "this_xglm": _tiny_xglm}
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    """Real coco-mini train images: a COCO caption file for the first few, retrieved captions from other images."""
-    full = json.loads((COCO_MINI / "annotations" / "captions_train2017.json").read_text())
-    images = sorted(full["images"], key=lambda image: image["id"])
-    first = {}
-    for annotation in sorted(full["annotations"], key=lambda a: a["id"]):
-        first.setdefault(annotation["image_id"], annotation["caption"].strip())
-    chosen = {image["id"] for image in images[:N_IMAGES]}
-    out = tmp_path_factory.mktemp("coco")
-    data = out / "captions_train2017.json"
-    data.write_text(json.dumps({"images": images[:N_IMAGES],
-                                "annotations": [a for a in full["annotations"] if a["image_id"] in chosen]}))
-    ids = [image["id"] for image in images]
-    retrieved = {str(q): [first[ids[(i + j) % len(ids)]] for j in range(1, 8)] for i, q in enumerate(ids)}
-    (out / "retrieved.json").write_text(json.dumps(retrieved))
-    return {"data": data, "retrieved": out / "retrieved.json", "images": COCO_MINI / "train2017",
-            "files": [COCO_MINI / "train2017" / image["file_name"] for image in images[:N_IMAGES]]}
+    """The first real coco-mini train images and their retrieved captions (`conftest.coco_training_files`)."""
+    return coco_training_files(tmp_path_factory.mktemp("coco"), N_IMAGES)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import COCO_MINI, GOLDEN, REPO, run_cli
+from conftest import COCO_MINI, GOLDEN, REPO, coco_training_files, run_cli
 from safetensors.torch import load_file
 
 from smallcap.errors import SmallCapError
@@ -25,22 +25,8 @@ N_IMAGES = 8  # x 5 captions = 40 samples: 4 steps of 10 per epoch
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    """A COCO-format caption file for the first real train images of coco-mini, and the retrieved-captions file
-    (for each image, the first caption of each of the next 7 images: never its own)."""
-    full = json.loads((COCO_MINI / "annotations" / "captions_train2017.json").read_text())
-    images = sorted(full["images"], key=lambda image: image["id"])
-    first = {}
-    for annotation in sorted(full["annotations"], key=lambda a: a["id"]):
-        first.setdefault(annotation["image_id"], annotation["caption"].strip())
-    chosen = {image["id"] for image in images[:N_IMAGES]}
-    out = tmp_path_factory.mktemp("coco")
-    data = out / "captions_train2017.json"
-    data.write_text(json.dumps({"images": images[:N_IMAGES],
-                                "annotations": [a for a in full["annotations"] if a["image_id"] in chosen]}))
-    ids = [image["id"] for image in images]
-    retrieved = {str(q): [first[ids[(i + j) % len(ids)]] for j in range(1, 8)] for i, q in enumerate(ids)}
-    (out / "retrieved.json").write_text(json.dumps(retrieved))
-    return {"data": data, "retrieved": out / "retrieved.json", "images": COCO_MINI / "train2017", "dir": out}
+    """The first real coco-mini train images and their retrieved captions (`conftest.coco_training_files`)."""
+    return coco_training_files(tmp_path_factory.mktemp("coco"), N_IMAGES)
 
 
 def _config(coco, parts, output_dir, **overrides):
@@ -68,16 +54,21 @@ def run(coco, tiny_smallcap_parts, tmp_path_factory):
     return output_dir, final
 
 
-def test_golden_batch_and_loss_equal_the_reference():
-    from smallcap.modeling import load_smallcap
-
+def golden_training_batch() -> dict[str, torch.Tensor]:
+    """The golden pack's training batch (its images, target captions and retrieved captions, k=4), collated."""
     ids = sorted(json.loads((GOLDEN / "images.json").read_text()), key=int)
     targets = json.loads((GOLDEN / "target_captions.json").read_text())
     retrieved = json.loads((GOLDEN / "retrieved_caps.json").read_text())
     states = np.load(GOLDEN / "expected" / "encoder_last_hidden_state.npy")
     samples = [TrainingSample(image_id, targets[image_id]) for image_id in ids]
     dataset = CaptionDataset(samples, dict(zip(ids, states)), load_tokenizer(str(GOLDEN)), retrieved, k=4)
-    batch = collate_batch([dataset[i] for i in range(len(ids))])
+    return collate_batch([dataset[i] for i in range(len(ids))])
+
+
+def test_golden_batch_and_loss_equal_the_reference():
+    from smallcap.modeling import load_smallcap
+
+    batch = golden_training_batch()
 
     width = batch["decoder_input_ids"].shape[1]
     assert width == 77  # padded to the longest example, not to the reference's fixed budget of 140
@@ -101,13 +92,7 @@ def test_label_position_loss_equals_the_full_forward_loss_and_gradients():
 
     from smallcap.modeling import load_smallcap
 
-    ids = sorted(json.loads((GOLDEN / "images.json").read_text()), key=int)
-    targets = json.loads((GOLDEN / "target_captions.json").read_text())
-    retrieved = json.loads((GOLDEN / "retrieved_caps.json").read_text())
-    states = np.load(GOLDEN / "expected" / "encoder_last_hidden_state.npy")
-    samples = [TrainingSample(image_id, targets[image_id]) for image_id in ids]
-    dataset = CaptionDataset(samples, dict(zip(ids, states)), load_tokenizer(str(GOLDEN)), retrieved, k=4)
-    batch = collate_batch([dataset[i] for i in range(len(ids))])
+    batch = golden_training_batch()
     model = load_smallcap(GOLDEN).eval()
     model.freeze_for_training()
     trainable = [p for p in model.parameters() if p.requires_grad]
