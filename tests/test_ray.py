@@ -146,10 +146,9 @@ def test_ray_predict_matches_local_and_resumes(cluster, local_captions, tmp_path
         predict_on_ray(shards, out, {**OPTIONS, "k": 2}, progress=False)
 
 
-def caption_worker_pids(parent: int | None = None) -> list[int]:
-    """Processes of Ray Data captioning actors on this machine (their title names the actor class), optionally
-    only the children of `parent` (a node's raylet)."""
-    pids = []
+def caption_worker_processes():
+    """(pid, parent pid, command line) of each Ray Data captioning actor process on this machine (its process
+    title names the actor class, and the method it is running)."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -157,9 +156,14 @@ def caption_worker_pids(parent: int | None = None) -> list[int]:
                 ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if command.startswith(b"ray::") and b"CaptionWorker" in command and parent in (None, ppid):
-                pids.append(int(entry.name))
-    return pids
+            if command.startswith(b"ray::") and b"CaptionWorker" in command:
+                yield int(entry.name), ppid, command
+
+
+def caption_worker_pids(parent: int | None = None) -> list[int]:
+    """Processes of Ray Data captioning actors on this machine, optionally only the children of `parent` (a
+    node's raylet)."""
+    return [pid for pid, ppid, _ in caption_worker_processes() if parent in (None, ppid)]
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray tests need the optional extra smallcap[ray]")
 
-from test_ray import OPTIONS, VAL, single_process_captions  # noqa: E402
+from test_ray import OPTIONS, VAL, caption_worker_processes, single_process_captions  # noqa: E402
 
 from smallcap.scale.predict import read_output_shard  # noqa: E402
 
@@ -115,17 +115,7 @@ def two_nodes():
 
 def _captioning_on(raylet: int) -> bool:
     """Whether a captioning actor under this raylet is running a batch (its process title names the method)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes()
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == raylet and command.startswith(b"ray::") and b"CaptionWorker" in command \
-                    and b".submit" in command:
-                return True
-    return False
+    return any(ppid == raylet and b".submit" in command for _, ppid, command in caption_worker_processes())
 
 
 @pytest.mark.slow
