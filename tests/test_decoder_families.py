@@ -1,5 +1,6 @@
 """Every verb with the OPT and XGLM decoder families, on tiny models built in-test and real COCO images:
-features, train (`--decoder <local dir>`), caption, predict and serve; unsupported families; real-size parameter counts."""
+features, train (`--decoder <local dir>`), caption, predict and serve; unsupported families; real-size parameter
+counts."""
 
 from __future__ import annotations
 
