@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -63,15 +67,89 @@ def coco_training_files(out: Path, n_images: int) -> dict:
 
 
 def run_cli(*args: str, check: bool = True, cwd: Path | None = None, env: dict | None = None):
-    """Run `python -m smallcap ARGS` the way a user runs the command; returns the CompletedProcess."""
+    """Run the `smallcap` command with ARGS as its own process, the way a user runs it; returns the
+    CompletedProcess. The process is forked from a warm interpreter (`cli_zygote.py`) unless `env` changes what
+    the imports read or SMALLCAP_TEST_FRESH_INTERPRETER=1; then it is a fresh `python -m smallcap`."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "smallcap", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=900,
-    )
+    args = [str(arg) for arg in args]
+    if os.environ.get("SMALLCAP_TEST_FRESH_INTERPRETER") == "1" or not _WARM_CLI.serves(full_env):
+        result = subprocess.run([sys.executable, "-m", "smallcap", *args], capture_output=True, text=True, cwd=cwd,
+                                env=full_env, timeout=900)
+    else:
+        result = _WARM_CLI.run(args, cwd, full_env, timeout=900)
     if check and result.returncode != 0:
-        raise AssertionError(f"smallcap {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
+        raise AssertionError(f"smallcap {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+class _WarmInterpreter:
+    """The client side of `cli_zygote.py`: one warm interpreter per test process, started on first use."""
+
+    # Environment variables read when torch, transformers, faiss or Python start: a run that changes one of
+    # these needs a fresh interpreter.
+    IMPORT_TIME = ("HF_", "HUGGINGFACE", "TRANSFORMERS_", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "PYTHON",
+                   "CUDA", "LD_")
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+        self.pending = b""
+
+    def serves(self, env: dict[str, str]) -> bool:
+        if self.process is None:
+            return True
+        keys = {k for k in {*env, *self.env} if k.startswith(self.IMPORT_TIME)}
+        return all(env.get(k) == self.env.get(k) for k in keys)
+
+    def _start(self, env: dict[str, str]) -> None:
+        self.env = dict(env)
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_zygote.py"))],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO)
+
+    def _reply(self, deadline: float) -> dict:
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the warm interpreter died (exit status {self.process.wait()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, args: list[str], cwd: Path | None, env: dict[str, str], timeout: float):
+        if self.process is None:
+            self._start(env)
+        with tempfile.TemporaryDirectory(prefix="smallcap-cli-") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"args": args, "env": env, "cwd": str(cwd) if cwd else None, "stdout": str(out),
+                       "stderr": str(err)}
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            self.process.stdin.flush()
+            deadline = time.monotonic() + timeout
+            pid = self._reply(deadline)["pid"]
+            try:
+                returncode = self._reply(deadline)["returncode"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self._reply(time.monotonic() + 60)
+                raise subprocess.TimeoutExpired(["smallcap", *args], timeout) from None
+            return subprocess.CompletedProcess(["smallcap", *args], returncode,
+                                               out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+            self.process = None
+
+
+_WARM_CLI = _WarmInterpreter()
+
+
+def pytest_unconfigure(config):
+    _WARM_CLI.close()
 
 
 @pytest.fixture(scope="session")
