@@ -279,3 +279,50 @@ def test_cli_predict_engine_ray_on_coco_annotations(cluster, local_captions, tmp
     assert main(["predict", str(VAL), "--model", "mini", "--retrieved", str(tmp_path / "retrieved.json"),
                  "--engine", "ray", "--out", str(tmp_path / "x.json")]) == 2
     assert "not supported with --engine ray" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_parquet_outputs_match_jsonl_and_resume(cluster, local_captions, tmp_path, capsys):
+    """`--out preds.parquet`: Parquet per-shard files and merged file with the same ids and captions as the JSON
+    path (ids mixing tar keys and COCO ints are stored as strings); a rerun skips finished shards; local
+    `predict --out X.parquet` writes the same table, which `evaluate`'s reader loads."""
+    from smallcap.cli import main
+    from smallcap.evaluation import load_predictions
+    from smallcap.io import read_parquet_rows
+
+    write_webdataset(tmp_path / "00000.tar", IMAGES[:3])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for image in IMAGES[3:7]:
+        (folder / image.name).symlink_to(image)
+    common = ["--model", "mini", "--datastore", "mini-source", "--batch-size", "4"]
+    out = tmp_path / "preds.parquet"
+    ray_args = ["predict", str(tmp_path / "00000.tar"), str(folder), *common, "--out", str(out), "--engine", "ray",
+                "--shard-size", "2"]
+    assert main(ray_args) == 0
+    shard_dir = tmp_path / "preds.parquet.shards" / "shards"
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["part-00001.parquet", "part-00002.parquet",
+                                                           "tar-00000.parquet"]
+    rows = read_parquet_rows(out)
+    assert [row["image_id"] for row in rows] == [f"img-{p.stem}" for p in IMAGES[:3]] + [p.stem.lstrip("0")
+                                                                                         for p in IMAGES[3:7]]
+    assert [row["caption"] for row in rows] == [local_captions[p.name] for p in IMAGES[:7]]
+    folder_shard = read_parquet_rows(shard_dir / "part-00001.parquet")
+    assert [row["image_id"] for row in folder_shard] == [int(p.stem) for p in IMAGES[3:5]]  # one type: kept
+    assert all(len(row["retrieved"]) == 4 and "error" not in row for row in folder_shard)
+
+    (shard_dir / "part-00002.parquet").unlink()
+    kept = (shard_dir / "tar-00000.parquet").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(ray_args) == 0
+    assert "1 shards captioned, 2 already done, 7 images" in capsys.readouterr().err
+    assert (shard_dir / "tar-00000.parquet").stat().st_mtime_ns == kept
+    assert read_parquet_rows(out) == rows
+
+    local = tmp_path / "local.parquet"
+    assert main(["predict", str(folder), *common, "--out", str(local)]) == 0
+    assert read_parquet_rows(local) == [{"image_id": int(p.stem), "caption": local_captions[p.name]}
+                                        for p in IMAGES[3:7]]
+    assert load_predictions(local) == {int(p.stem): local_captions[p.name] for p in IMAGES[3:7]}
+    assert main(["predict", str(folder), *common, "--out", str(local)]) == 0  # resumes from the finished table
+    assert "0 captioned, 4 already done" in capsys.readouterr().err
