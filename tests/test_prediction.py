@@ -80,3 +80,16 @@ def test_predict_bad_inputs(small_split, tmp_path):
         result = run_cli(*args, "--model", GOLDEN, "--no-retrieval", "--out", tmp_path / "p.json", check=False)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
     assert not (tmp_path / "p.json").exists()
+
+
+def test_parquet_output_without_pyarrow_is_a_clear_error(monkeypatch, tmp_path):
+    """`--out X.parquet` without the parquet extra fails before any captioning, naming the extra to install."""
+    import sys
+
+    from smallcap.errors import MissingExtraError
+    from smallcap.prediction import predict
+
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'smallcap\[parquet\]'"):
+        predict(None, [(1, VAL / "missing.jpg")], tmp_path / "preds.parquet")
+    assert not list(tmp_path.iterdir())

@@ -100,7 +100,11 @@ def two_nodes():
                       if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0])
         started |= node2
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
-        assert len([node for node in ray.nodes() if node["Alive"]]) == 2
+        alive, until = 0, time.monotonic() + 60  # `ray start` may return before the GCS lists the new node
+        while alive != 2 and time.monotonic() < until:
+            alive = len([node for node in ray.nodes() if node["Alive"]])
+            time.sleep(0.5)
+        assert alive == 2, f"{alive} Ray nodes alive, expected the head and the worker node"
         yield {"node2": node2 | {raylet}, "raylet": raylet, "address": f"127.0.0.1:{port}"}
     finally:
         if ray.is_initialized():
@@ -135,12 +139,17 @@ def test_worker_node_killed_mid_job(two_nodes, tmp_path):
     command = [sys.executable, "-m", "smallcap", "predict", str(folder), "--model", OPTIONS["model"],
                "--datastore", *OPTIONS["datastores"], "--engine", "ray", "--address", two_nodes["address"],
                "--num-workers", "2", "--shard-size", "6", "--batch-size", "3", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "RAY_AUTH_MODE": "disabled"}
+    # Ray Data starts its actor pool asynchronously by default, so decode tasks (half a CPU each) could take the
+    # worker node's one CPU first and leave both captioning actors on the head: no captioning actor to lose with
+    # the node. Waiting for the pool before any task runs lets SPREAD place one actor per node, every run.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "RAY_AUTH_MODE": "disabled",
+           "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        killed_at, deadline = None, time.monotonic() + 420
+        killed_at, deadline, seen = None, time.monotonic() + 540, set()
         while job.poll() is None and killed_at is None and time.monotonic() < deadline:
             done = len(list(shard_dir.glob("*.jsonl"))) if shard_dir.is_dir() else 0
+            seen |= {(pid, ppid) for pid, ppid, _ in caption_worker_processes()}
             if done >= 1 and _captioning_on(two_nodes["raylet"]):
                 killed_at = done
                 _kill(_with_children(two_nodes["node2"]))
@@ -151,7 +160,8 @@ def test_worker_node_killed_mid_job(two_nodes, tmp_path):
             job.kill()
     assert job.returncode == 0, stderr[-3000:]
     assert killed_at is not None and killed_at < shards, \
-        f"the worker node's actor was not captioning mid-job (shards done when killed: {killed_at})"
+        f"the worker node's actor was not captioning mid-job (shards done when killed: {killed_at}; captioning " \
+        f"actors seen as (pid, parent): {sorted(seen)}, worker node's raylet {two_nodes['raylet']})"
     alive, until = 2, time.monotonic() + 90  # the head notices a dead node by missed health checks
     while alive != 1 and time.monotonic() < until:
         alive = len([node for node in ray.nodes() if node["Alive"]])

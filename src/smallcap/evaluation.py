@@ -175,9 +175,15 @@ def _read_msrvtt(data: dict, split: str | None, name: str) -> References:
 
 
 def load_predictions(source: str | os.PathLike | Sequence[dict]) -> dict[ImageId, str]:
-    """Read `[{"image_id": ..., "caption": str}, ...]` into {image_id: caption}; duplicate ids are an error."""
+    """Read `[{"image_id": ..., "caption": str}, ...]` (a JSON file, or a Parquet table with these columns as
+    `predict --out X.parquet` writes) into {image_id: caption}; duplicate ids are an error."""
+    from smallcap.io import is_parquet, read_parquet_rows
+
     name = str(source) if isinstance(source, (str, os.PathLike)) else "predictions"
-    data = _read_json(source, "predictions") if isinstance(source, (str, os.PathLike)) else source
+    if isinstance(source, (str, os.PathLike)):
+        data = read_parquet_rows(source) if is_parquet(source) else _read_json(source, "predictions")
+    else:
+        data = source
     if not isinstance(data, list):
         raise SmallCapError(f"{name}: expected {PREDICTIONS_FORM}; got {_describe(data)}")
     predictions: dict[ImageId, str] = {}

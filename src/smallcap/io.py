@@ -1,4 +1,5 @@
-"""Crash-safe file output: a file or directory is either complete at its final path or absent."""
+"""Crash-safe file output (a file or directory is either complete at its final path or absent), and the
+one Parquet writer and reader of smallcap's row files (predictions, per-shard outputs)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Sequence
 
 
 def _umask() -> int:
@@ -126,3 +127,75 @@ def _check_writable_parent(path: Path, option: str) -> None:
         raise SmallCapError(f"{option} {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SmallCapError(f"{option} {path}: cannot write in {parent} (permission denied)")
+
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def is_parquet(path: str | os.PathLike) -> bool:
+    """Whether `path` names a Parquet file (`.parquet` or `.pq`): the one rule for choosing Parquet output."""
+    return Path(path).suffix.lower() in PARQUET_SUFFIXES
+
+
+def require_parquet(purpose: str):
+    """The `pyarrow` module with Parquet support, or MissingExtraError naming `pip install 'smallcap[parquet]'`;
+    call it before any work whose output is Parquet (`purpose`: "Writing preds.parquet")."""
+    from smallcap.errors import require_extra
+
+    require_extra("pyarrow.parquet", "parquet", purpose)
+    import pyarrow
+
+    return pyarrow
+
+
+def _column_type(pa, values: list):
+    """An Arrow type for a column of JSON-like values: image ids that are all ints stay int64, a mix of ints and
+    strings becomes strings (as `str(image_id)`, the key every smallcap file is matched by)."""
+    present = [value for value in values if value is not None]
+    if present and all(isinstance(value, int) and not isinstance(value, bool) for value in present):
+        return pa.int64(), values
+    if present and all(isinstance(value, list) for value in present):
+        return pa.list_(pa.string()), values
+    return pa.string(), [None if value is None else str(value) for value in values]
+
+
+def atomic_write_parquet(path: str | os.PathLike, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Write `rows` (dicts of ints, strings or lists of strings; a key a row lacks is null) as a Parquet table
+    with `columns`, atomically. Needs the optional extra `smallcap[parquet]`."""
+    pa = require_parquet(f"Writing {Path(path).name} as Parquet")
+    import pyarrow.parquet as pq
+
+    arrays, fields = [], []
+    for name in columns:
+        kind, values = _column_type(pa, [row.get(name) for row in rows])
+        arrays.append(pa.array(values, type=kind))
+        fields.append(pa.field(name, kind))
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    with atomic_open(path) as handle:
+        pq.write_table(table, handle)
+
+
+def read_parquet_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a Parquet table as dicts, null cells left out (the inverse of `atomic_write_parquet`).
+    Raises SmallCapError for a file that is missing or not Parquet."""
+    from smallcap.errors import SmallCapError
+
+    require_parquet(f"Reading {Path(path).name}")
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except FileNotFoundError:
+        raise SmallCapError(f"{path} does not exist") from None
+    except Exception as error:  # pyarrow raises several unrelated types for a bad file
+        raise SmallCapError(f"{path}: not readable as Parquet ({error})") from None
+    return [{key: value for key, value in row.items() if value is not None} for row in rows]
+
+
+def atomic_write_predictions(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Write a predictions file `[{"image_id", "caption"}]` atomically: a Parquet table with those two columns
+    when `path` ends in .parquet/.pq, else the JSON list `smallcap evaluate` reads."""
+    if is_parquet(path):
+        atomic_write_parquet(path, rows, ("image_id", "caption"))
+    else:
+        atomic_write_json(path, rows)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from smallcap.captioner import Captioner
 from smallcap.data import ImageId
 from smallcap.errors import SmallCapError
-from smallcap.io import atomic_write_json
+from smallcap.io import atomic_write_json, atomic_write_predictions, is_parquet, read_parquet_rows, require_parquet
 
 @dataclass
 class PredictionReport:
@@ -30,11 +30,11 @@ class PredictionReport:
 
 
 def _read_output(path: Path) -> dict[str, str]:
-    """Captions of a finished predictions file (empty if there is none or it is not one)."""
+    """Captions of a finished predictions file, JSON or Parquet (empty if there is none or it is not one)."""
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = read_parquet_rows(path) if is_parquet(path) else json.loads(path.read_text(encoding="utf-8"))
         return {str(row["image_id"]): row["caption"] for row in rows}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, SmallCapError):
         return {}
 
 
@@ -84,7 +84,8 @@ def check_resume_settings(output: str | os.PathLike, settings: dict, overwrite: 
 def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output: str | os.PathLike,
             retrieved: dict[str, list[str]] | None = None, features=None, batch_size: int = 16,
             progress: bool = True, overwrite: bool = False) -> PredictionReport:
-    """Caption `images` and write `[{"image_id", "caption"}]` to `output` atomically.
+    """Caption `images` and write `[{"image_id", "caption"}]` to `output` atomically (a Parquet table with
+    these columns when `output` ends in .parquet/.pq, else JSON).
 
     Progress is appended to `output.partial.jsonl`, so an interrupted run continues where it stopped; images
     already in a finished `output` are kept too. With `features` (a FeatureCache of this model's encoder), cached
@@ -94,6 +95,8 @@ def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output
     if batch_size < 1:
         raise SmallCapError(f"batch size must be at least 1, got {batch_size}")
     output = Path(output)
+    if is_parquet(output):
+        require_parquet(f"Writing {output.name}")
     partial = output.with_name(output.name + ".partial.jsonl")
     if overwrite:
         partial.unlink(missing_ok=True)
@@ -135,7 +138,7 @@ def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output
     bar.close()
     order = {str(image_id): image_id for image_id, _ in images}
     rows = [{"image_id": order[key], "caption": done[key]} for key in order if key in done]
-    atomic_write_json(output, rows)
+    atomic_write_predictions(output, rows)
     if not failed:
         partial.unlink(missing_ok=True)
     return PredictionReport(len(todo) - len(failed), len(images) - len(todo), failed, output)

@@ -24,8 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("--images-dir", type=Path, default=None, help="where image files are (default: DATA's folder)")
     parser.add_argument("--features", type=Path, default=None, help="feature cache made by `smallcap features extract`")
     parser.add_argument("--out", type=Path, required=True, metavar="PREDS.json",
-                        help="predictions file; its settings are recorded in PREDS.json.settings.json and a rerun "
-                             "with other settings is refused")
+                        help="predictions file: JSON, or a Parquet table (image_id, caption) when it ends in .parquet "
+                             "or .pq (needs smallcap[parquet]); its settings are recorded in PREDS.json.settings.json "
+                             "and a rerun with other settings is refused")
     parser.add_argument("--overwrite", action="store_true", help="start --out again instead of resuming it")
     add_captioner_arguments(parser)
     scale = parser.add_argument_group("scale-out (--engine ray, needs smallcap[ray])")
@@ -36,7 +37,8 @@ def register(subparsers) -> None:
     scale.add_argument("--num-workers", type=positive_int, default=1, help="captioning actors (default 1)")
     scale.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per captioning actor (default 0)")
     scale.add_argument("--output-dir", type=Path, default=None,
-                       help="per-shard JSONL outputs, reused by a rerun (default: PREDS.json.shards/)")
+                       help="per-shard outputs (JSONL, or Parquet when --out is), reused by a rerun "
+                            "(default: PREDS.json.shards/)")
     scale.add_argument("--shard-size", type=positive_int, default=1000,
                        help="images per output shard for inputs that are not tar files (default 1000)")
     parser.set_defaults(func=run)

@@ -3,7 +3,8 @@
 Pipeline (Ray Data): the unfinished shards -> `expand` (list a shard's items; a tar is read here) -> `decode`
 (CPU tasks: files and tar members to RGB pixels; videos to their tiled frames) -> `CaptionWorker` (an actor pool;
 each actor loads the captioner and its datastores once, memory-mapped, and runs CLIP preprocessing, retrieval and
-generation) -> the driver, which writes a shard's JSONL file atomically once all its items are back.
+generation) -> the driver, which writes a shard's file (JSONL, or Parquet for a .parquet `--out`) atomically once
+all its items are back.
 
 Exactly once: every shard travels with a marker row carrying its item count, so the driver knows when a shard is
 complete; rows are keyed by position, so an item redone after a worker died is stored once. Ray Data restarts a
@@ -24,7 +25,8 @@ import numpy as np
 
 from smallcap.errors import SmallCapError, require_extra
 from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS
-from smallcap.io import atomic_write_json, atomic_write_text
+from smallcap.io import (atomic_write_json, atomic_write_parquet, atomic_write_predictions, atomic_write_text,
+                         is_parquet, read_parquet_rows, require_parquet)
 from smallcap.scale.sources import InputShard, Item, open_item, read_shard
 
 PLAN_FILE = "plan.json"
@@ -69,15 +71,22 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _shard_path(output_dir: Path, name: str) -> Path:
-    return output_dir / SHARDS_DIR / f"{name}.jsonl"
+SHARD_COLUMNS = ("image_id", "caption", "retrieved", "error")
+
+
+def _shard_path(output_dir: Path, name: str, parquet: bool = False) -> Path:
+    return output_dir / SHARDS_DIR / f"{name}.{'parquet' if parquet else 'jsonl'}"
 
 
 def read_output_shard(path: Path) -> list[dict] | None:
-    """The rows of a finished output shard; None when it is missing or holds errors (then it is redone)."""
+    """The rows of a finished output shard (JSONL, or Parquet for a .parquet path); None when it is missing or
+    holds errors (then it is redone)."""
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    if is_parquet(path):
+        rows = read_parquet_rows(path)
+    else:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     return None if any("error" in row for row in rows) else rows
 
 
@@ -155,10 +164,13 @@ class CaptionWorker:
                 "error": np.array(errors, dtype=object)}
 
 
-def _write_shard(output_dir: Path, name: str, rows: dict[int, dict]) -> list[dict]:
+def _write_shard(output_dir: Path, name: str, rows: dict[int, dict], parquet: bool) -> list[dict]:
     ordered = [rows[position] for position in sorted(rows)]
-    atomic_write_text(_shard_path(output_dir, name),
-                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ordered))
+    path = _shard_path(output_dir, name, parquet)
+    if parquet:
+        atomic_write_parquet(path, ordered, SHARD_COLUMNS)
+        return read_parquet_rows(path)  # ids as a rerun reads them back (a mix of ints and strings: strings)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ordered))
     return ordered
 
 
@@ -170,7 +182,10 @@ def predict_on_ray(shards: Sequence[InputShard], output: str | os.PathLike, capt
 
     `captioner_options` are `Captioner.from_pretrained` keyword arguments (each actor loads its own captioner;
     decoding tasks use its `video` and `max_image_pixels`).
-    Per-shard JSONL files (`image_id`, `caption`, `retrieved`, or `error`) go to `output_dir/shards/`
+    When `output` ends in .parquet/.pq, it and the per-shard files are Parquet tables (an image id column
+    mixing ints and strings holds strings), else `output` is the JSON list local `predict` writes and the
+    per-shard files are JSONL. Per-shard files (`image_id`, `caption`, `retrieved`, or `error`) go to
+    `output_dir/shards/`
     (default: `OUTPUT.shards/` next to `output`); finished shards there are reused on a rerun with the same
     inputs and settings (other ones are refused unless `overwrite`, which redoes every shard). As with local
     `predict`, images that cannot be captioned are left out of the merged file and listed in the report; their
@@ -184,18 +199,23 @@ def predict_on_ray(shards: Sequence[InputShard], output: str | os.PathLike, capt
         raise SmallCapError(f"--gpus-per-worker must not be negative (got {gpus_per_worker})")
     if output.is_dir():
         raise SmallCapError(f"--out {output} is a directory; give the predictions file to write")
+    parquet = is_parquet(output)
+    if parquet:
+        require_parquet(f"Writing {output.name}")
     names = [shard.name for shard in shards]
     plan = {"shards": [{"name": s.name, "tar": s.tar, "items": [list(i) for i in s.items]} for s in shards],
-            "captioner": json.loads(json.dumps(captioner_options, default=repr))}
+            "captioner": json.loads(json.dumps(captioner_options, default=repr)),
+            "shard_format": "parquet" if parquet else "jsonl"}
     _check_plan(output_dir, plan, overwrite)
-    finished = {name: None if overwrite else read_output_shard(_shard_path(output_dir, name)) for name in names}
+    finished = {name: None if overwrite else read_output_shard(_shard_path(output_dir, name, parquet))
+                for name in names}
     todo = [shard for shard in shards if finished[shard.name] is None]
     done_now = 0
     if todo:
         started = connect(address)
         try:
             done_now = _run(todo, output_dir, captioner_options, num_workers, gpus_per_worker, batch_size,
-                            finished, progress)
+                            finished, progress, parquet)
         finally:
             if started:
                 import_ray().shutdown()
@@ -212,12 +232,12 @@ def predict_on_ray(shards: Sequence[InputShard], output: str | os.PathLike, capt
                 failed[key] = row["error"]
             else:
                 merged.append({"image_id": row["image_id"], "caption": row["caption"]})
-    atomic_write_json(output, merged)
+    atomic_write_predictions(output, merged)
     return RayPredictionReport(done_now, len(shards) - len(todo), len(merged), failed, output)
 
 
 def _run(todo: Sequence[InputShard], output_dir: Path, captioner_options: dict, num_workers: int,
-         gpus_per_worker: float, batch_size: int, finished: dict, progress: bool) -> int:
+         gpus_per_worker: float, batch_size: int, finished: dict, progress: bool, parquet: bool) -> int:
     """Run the pipeline over the unfinished shards; write each shard as soon as all of its rows are back."""
     ray = import_ray()
     from tqdm.auto import tqdm
@@ -253,7 +273,7 @@ def _run(todo: Sequence[InputShard], output_dir: Path, captioner_options: dict, 
                 rows[name][position] = {"image_id": image_id, "caption": str(batch["caption"][i]),
                                         "retrieved": json.loads(batch["retrieved"][i])}
             if name in expected and len(rows[name]) == expected[name] and finished.get(name) is None:
-                finished[name] = _write_shard(output_dir, name, rows.pop(name))
+                finished[name] = _write_shard(output_dir, name, rows.pop(name), parquet)
                 rows[name] = {}
                 written += 1
                 bar.update(1)

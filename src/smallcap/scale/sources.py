@@ -30,6 +30,7 @@ from smallcap import video
 from smallcap.data import IMAGE_COLUMNS, dataset_images, parse_image_id
 from smallcap.errors import SmallCapError
 from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, expand_inputs
+from smallcap.io import require_parquet
 
 ImageId = int | str
 PATH_COLUMNS = ("path", *IMAGE_COLUMNS)
@@ -103,10 +104,9 @@ def read_path_table(path: str | Path, images_dir: str | Path | None = None) -> l
     """(id, file) pairs from a Parquet/CSV/TSV table with a path column and optionally an id column."""
     path = Path(path)
     if path.suffix.lower() in (".parquet", ".pq"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise SmallCapError(f"reading {path} needs pyarrow: pip install 'smallcap[parquet]'") from None
+        require_parquet(f"Reading {path}")
+        import pyarrow.parquet as pq
+
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as error:  # pyarrow raises several unrelated types for a bad file
