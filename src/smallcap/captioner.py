@@ -69,17 +69,25 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, *, tokenizer: str | None = None,
                         image_processor: str | None = None, device: str = "cpu",
-                        dtype: torch.dtype | None = None, datastores: Sequence[str] | None = None,
-                        retrieval_encoder: str | None = None, **kwargs) -> "Captioner":
+                        dtype: str | torch.dtype | None = None, quantize: str = "none",
+                        datastores: Sequence[str] | None = None, retrieval_encoder: str | None = None,
+                        **kwargs) -> "Captioner":
         """Load a SmallCap checkpoint (Hub id, directory or bundled short name) with its tokenizer and image
         processor (`smallcap.loading.load_captioner_parts`: the checkpoint's own, else its base models').
 
-        With `datastores`, captions are retrieved from them (combined) with `retrieval_encoder` (default: the
-        encoder the datastores were built with).
+        `dtype` ("float32" (default), "bfloat16", "float16" or a torch dtype) and `quantize` ("none" or "int8":
+        the decoder's linear layers, CPU) are the opt-in fast modes of `smallcap.precision`; both may change some
+        captions. With `datastores`, captions are retrieved from them (combined) with `retrieval_encoder`
+        (default: the encoder the datastores were built with).
         """
-        smallcap, tok, processor = load_captioner_parts(model, tokenizer=tokenizer, image_processor=image_processor,
-                                                        **({"dtype": dtype} if dtype else {}))
-        smallcap = smallcap.to(device)
+        from smallcap.precision import DTYPES, apply_precision, check_precision, dtype_name
+
+        check_precision(device, dtype, quantize)  # before loading anything
+        load_dtype = DTYPES[dtype_name(dtype)]
+        smallcap, tok, processor = load_captioner_parts(
+            model, tokenizer=tokenizer, image_processor=image_processor,
+            **({"dtype": load_dtype} if load_dtype != torch.float32 else {}))
+        smallcap = apply_precision(smallcap, device, dtype, quantize)
         if datastores:
             from smallcap.retrieval.retriever import DatastoreRetriever
 

@@ -56,9 +56,11 @@ def settings_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.name + ".settings.json")
 
 
-def check_resume_settings(output: str | os.PathLike, settings: dict, overwrite: bool = False) -> None:
+def check_resume_settings(output: str | os.PathLike, settings: dict, overwrite: bool = False,
+                          recorded_defaults: dict | None = None) -> None:
     """Before any work: record `settings` for `output`, or refuse when an earlier run (finished or not) made it
-    with other settings. With `overwrite` the earlier run's progress is discarded instead."""
+    with other settings. With `overwrite` the earlier run's progress is discarded instead. `recorded_defaults`
+    gives the value an earlier record that lacks a key (made before that setting existed) was made with."""
     output = Path(output)
     partial = output.with_name(output.name + ".partial.jsonl")
     record = settings_path(output)
@@ -70,6 +72,7 @@ def check_resume_settings(output: str | os.PathLike, settings: dict, overwrite: 
         except (OSError, json.JSONDecodeError) as error:
             raise SmallCapError(f"{record}: unreadable settings of an earlier run ({error}); pass --overwrite to "
                                 "start again") from None
+        earlier = {**(recorded_defaults or {}), **earlier}
         changed = {key: (earlier.get(key), value) for key, value in settings.items() if earlier.get(key) != value}
         if changed and (output.exists() or partial.exists()):
             detail = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changed.items())
