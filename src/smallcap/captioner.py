@@ -120,6 +120,10 @@ class Captioner:
         decoder = self.model.config.decoder
         return getattr(decoder, "n_positions", None) or getattr(decoder, "max_position_embeddings", None)
 
+    def prompt_length(self, retrieved: Sequence[str] | None) -> int:
+        """The number of prompt tokens for these retrieved captions (as captioning would build the prompt)."""
+        return len(self._fitting_prompt(retrieved if self.use_retrieval else None)[0])
+
     def _fitting_prompt(self, retrieved: Sequence[str] | None) -> tuple[list[int], int]:
         """Prompt ids with up to k retrieved captions, fewer (with a warning, once) when the prompt and
         `max_new_tokens` would not fit the decoder's context; and how many captions it holds."""

@@ -92,7 +92,8 @@ def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output
     Progress is appended to `output.partial.jsonl`, so an interrupted run continues where it stopped; images
     already in a finished `output` are kept too. With `features` (a FeatureCache of this model's encoder), cached
     encoder states replace the vision forward pass when the prompt needs no images (retrieved captions given,
-    or no retrieval). `overwrite` starts again, ignoring both.
+    or no retrieval). `overwrite` starts again, ignoring both. With retrieved captions given, images are decoded
+    in order of prompt length (less padding; same captions).
     """
     if batch_size < 1:
         raise SmallCapError(f"batch size must be at least 1, got {batch_size}")
@@ -112,6 +113,10 @@ def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output
             raise SmallCapError(f"empty list of retrieved captions for image ids {', '.join(empty[:5])}"
                                 f"{' ...' if len(empty) > 5 else ''}; the prompt needs at least one "
                                 "(or pass --no-retrieval)")
+    if retrieved is not None and captioner.use_retrieval:
+        # Batches of similar prompt lengths waste less work on left padding. Batched decoding is exact, so the
+        # captions are those of any other order; the output file keeps the input order.
+        todo.sort(key=lambda item: captioner.prompt_length(retrieved[str(item[0])]))
     use_features = features is not None and (retrieved is not None or not captioner.use_retrieval)
     failed: dict[str, str] = {}
     bar = tqdm(total=len(todo), desc="predicting", unit="image", disable=not progress, file=sys.stderr)
