@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -45,13 +46,14 @@ class Captioner:
     `captioner(images, retrieved=None)` accepts file paths (images or videos), PIL images and arrays. Retrieved captions come
     from `retrieved` (one list per image) when given, else from the attached `retriever` (a datastore); with
     `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions, and a
-    `retrieved` argument is ignored.
+    `retrieved` argument is ignored. With `prefetch` (default) the next batch's inputs are read in a background
+    thread while the current batch is captioned.
     """
 
     def __init__(self, model: SmallCap, tokenizer, image_processor, retriever: Retriever | None = None,
                  k: int | None = None, use_retrieval: bool | None = None,
                  settings: GenerationSettings | None = None, video: VideoOptions | None = None,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, prefetch: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -61,6 +63,7 @@ class Captioner:
         self.settings = settings or GenerationSettings()
         self.video = video or VideoOptions()
         self.max_image_pixels = max_image_pixels
+        self.prefetch = prefetch
         if self.k < 1:
             raise SmallCapError(f"k (retrieved captions in the prompt) must be at least 1, got {self.k}")
         self.settings.check()
@@ -176,26 +179,44 @@ class Captioner:
                                     f"{' ...' if len(empty) > 3 else ''}; the prompt needs at least one "
                                     "(or caption without retrieval: --no-retrieval / use_retrieval=False)")
         bar = tqdm(total=len(images), desc="captioning", unit="image", disable=not progress)
-        for start in range(0, len(images), batch_size):
-            batch = [(index, describe(source, index), source)
-                     for index, source in enumerate(images[start:start + batch_size], start)]
-            results: list[CaptionResult] = []
-            loaded, ok = [], []
-            for position, (index, name, source) in enumerate(batch):
-                try:
-                    loaded.append(load_image(source, self.video, max_pixels=self.max_image_pixels))
-                    ok.append(position)
-                    results.append(CaptionResult(name, None))
-                except MissingExtraError:  # the environment, not this input: every video would fail alike
-                    raise
-                except SmallCapError as error:
-                    results.append(CaptionResult(name, None, error=str(error)))
-            if loaded:
-                self._caption_batch(loaded, [results[i] for i in ok],
-                                    None if retrieved is None else [retrieved[batch[i][0]] for i in ok])
-            bar.update(len(batch))
-            yield results
-        bar.close()
+        starts = range(0, len(images), batch_size)
+        # The next batch's files are read and decoded (images, video clips) in a background thread while this
+        # batch's captions are decoded, so input decoding overlaps the model instead of adding to it.
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smallcap-load")
+        try:
+            pending = loader.submit(self._load_batch, images, starts[0], batch_size) if starts else None
+            for start in starts:
+                batch, results, loaded, ok = pending.result()
+                if start + batch_size < len(images):
+                    pending = loader.submit(self._load_batch, images, start + batch_size, batch_size)
+                    if not self.prefetch:
+                        pending.result()  # (no overlap: for measuring what the overlap gains)
+                if loaded:
+                    self._caption_batch(loaded, [results[i] for i in ok],
+                                        None if retrieved is None else [retrieved[batch[i][0]] for i in ok])
+                bar.update(len(batch))
+                yield results
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+
+    def _load_batch(self, images: Sequence[ImageInput], start: int, batch_size: int):
+        """Read the inputs of one batch: (batch entries, results with errors filled in, loaded images, positions
+        of the loaded ones). MissingExtraError propagates: it is the environment, not one input."""
+        batch = [(index, describe(source, index), source)
+                 for index, source in enumerate(images[start:start + batch_size], start)]
+        results: list[CaptionResult] = []
+        loaded, ok = [], []
+        for position, (index, name, source) in enumerate(batch):
+            try:
+                loaded.append(load_image(source, self.video, max_pixels=self.max_image_pixels))
+                ok.append(position)
+                results.append(CaptionResult(name, None))
+            except MissingExtraError:  # every video would fail alike
+                raise
+            except SmallCapError as error:
+                results.append(CaptionResult(name, None, error=str(error)))
+        return batch, results, loaded, ok
 
     def _caption_batch(self, images: list[Image.Image], results: list[CaptionResult],
                        retrieved: list[Sequence[str]] | None) -> None:
