@@ -100,15 +100,17 @@ def reference_way(captioner: Captioner, images, retrieved):
     model = captioner.model
     synchronize(model.device)
     start = time.perf_counter()
-    captions = []
+    captions, lengths = [], []
     for image, caps in zip(images, retrieved):
         prompt = torch.tensor([prompt_ids(captioner.tokenizer, caps, captioner.k)], device=model.device)
         pixels = captioner.pixel_values([image]).to(model.device, model.dtype)
         output = model.generate(pixel_values=pixels, decoder_input_ids=prompt, pad_token_id=0, eos_token_id=13,
                                 **captioner.settings.generate_kwargs())
-        captions.append(clean_caption(captioner.tokenizer, output[0, prompt.shape[1]:].tolist()))
+        new = output[0, prompt.shape[1]:].tolist()
+        captions.append(clean_caption(captioner.tokenizer, new))
+        lengths.append(new.index(END_TOKEN_ID) + 1 if END_TOKEN_ID in new else len(new))
     synchronize(model.device)
-    return captions, time.perf_counter() - start
+    return captions, time.perf_counter() - start, lengths
 
 
 def agreement(captions, expected) -> float:
@@ -145,11 +147,10 @@ def run_boost(args, boost: float, tokenizer, processor, images, retrieved, devic
     exact: list[str] = []
     captioner = captioner_for(build_model(boost, args.tiny).to(device))
     timed(captioner, images[:2], retrieved[:2], 2)  # warm-up
-    reference, ref_seconds = reference_way(captioner, images[:n_ref], retrieved[:n_ref])
+    reference, ref_seconds, lengths = reference_way(captioner, images[:n_ref], retrieved[:n_ref])
     ref_rate = n_ref / ref_seconds
     record("reference loop: one image at a time, plain generate", 1, "float32", reference, ref_seconds, n_ref)
-    lengths = [len(tokenizer(c).input_ids) + 1 for c in reference]  # + the end token
-    rows[-1]["mean_caption_tokens"] = round(sum(lengths) / len(lengths), 1)
+    rows[-1]["new_tokens_per_caption"] = sorted(lengths)  # end token included; 25 = ran to max_new_tokens
     for batch_size in args.batch_sizes:
         n = n_ref if batch_size == 1 and device.type == "cpu" else len(images)
         captions, seconds = timed(captioner, images[:n], retrieved[:n], batch_size)
@@ -159,8 +160,13 @@ def run_boost(args, boost: float, tokenizer, processor, images, retrieved, devic
     best = max(args.batch_sizes)
     if not exact:
         exact, _ = timed(captioner, images, retrieved, best)
-    captions, seconds = timed(captioner, images, retrieved, best, sort_by_prompt=True)
-    record("smallcap exact, batches sorted by prompt length", best, "float32", captions, seconds, len(images))
+    # Sorting can only change batches when there is more than one: measure it at the largest batch size below the
+    # number of images, next to the unsorted run of that size.
+    several = [size for size in args.batch_sizes if 1 < size < len(images)]
+    if several:
+        captions, seconds = timed(captioner, images, retrieved, max(several), sort_by_prompt=True)
+        record("smallcap exact, batches sorted by prompt length", max(several), "float32", captions, seconds,
+               len(images))
     del captioner
     for dtype in args.dtypes:
         fast = captioner_for(build_model(boost, args.tiny).to(device, getattr(torch, dtype)))
