@@ -93,3 +93,36 @@ def test_parquet_output_without_pyarrow_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(MissingExtraError, match=r"pip install 'smallcap\[parquet\]'"):
         predict(None, [(1, VAL / "missing.jpg")], tmp_path / "preds.parquet")
     assert not list(tmp_path.iterdir())
+
+
+def test_predict_decodes_in_prompt_length_order_with_the_captions_of_one_at_a_time(tmp_path):
+    import torch
+
+    from smallcap import cli
+    from smallcap.captioner import Captioner
+
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = sorted(VAL.glob("*.jpg"))[:8]
+    for path in paths:
+        shutil.copy(path, images)
+    annotations = json.loads((COCO_MINI / "annotations/captions_val2017.json").read_text())["annotations"]
+    pool = [a["caption"].strip() for a in sorted(annotations, key=lambda a: a["id"])]
+    # 4, 1, 3, 2, ... captions: prompt lengths out of order, so sorting really reorders the batches
+    retrieved = {str(int(p.stem)): pool[n * 5:n * 5 + 4 - (n * 3) % 4] for n, p in enumerate(paths)}
+    (tmp_path / "retrieved.json").write_text(json.dumps(retrieved))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        captioner = Captioner.from_pretrained("mini")
+        lengths = [captioner.prompt_length(retrieved[str(int(p.stem))]) for p in paths]
+        assert lengths != sorted(lengths) and len(set(lengths)) > 3
+        preds = tmp_path / "preds.json"
+        assert cli.main(["predict", str(images), "--model", "mini", "--retrieved", str(tmp_path / "retrieved.json"),
+                         "--batch-size", "3", "--out", str(preds)]) == 0
+        alone = [captioner([p], retrieved=[retrieved[str(int(p.stem))]])[0].caption for p in paths]
+    finally:
+        torch.set_num_threads(before)
+    rows = json.loads(preds.read_text())
+    assert [r["image_id"] for r in rows] == [int(p.stem) for p in paths]  # input order kept
+    assert [r["caption"] for r in rows] == alone

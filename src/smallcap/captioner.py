@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -45,13 +46,14 @@ class Captioner:
     `captioner(images, retrieved=None)` accepts file paths (images or videos), PIL images and arrays. Retrieved captions come
     from `retrieved` (one list per image) when given, else from the attached `retriever` (a datastore); with
     `use_retrieval=False` (default: the model config's `rag`) the prompt has no retrieved captions, and a
-    `retrieved` argument is ignored.
+    `retrieved` argument is ignored. With `prefetch` (default) the next batch's inputs are read in a background
+    thread while the current batch is captioned.
     """
 
     def __init__(self, model: SmallCap, tokenizer, image_processor, retriever: Retriever | None = None,
                  k: int | None = None, use_retrieval: bool | None = None,
                  settings: GenerationSettings | None = None, video: VideoOptions | None = None,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, prefetch: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -61,6 +63,7 @@ class Captioner:
         self.settings = settings or GenerationSettings()
         self.video = video or VideoOptions()
         self.max_image_pixels = max_image_pixels
+        self.prefetch = prefetch
         if self.k < 1:
             raise SmallCapError(f"k (retrieved captions in the prompt) must be at least 1, got {self.k}")
         self.settings.check()
@@ -69,17 +72,25 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, *, tokenizer: str | None = None,
                         image_processor: str | None = None, device: str = "cpu",
-                        dtype: torch.dtype | None = None, datastores: Sequence[str] | None = None,
-                        retrieval_encoder: str | None = None, **kwargs) -> "Captioner":
+                        dtype: str | torch.dtype | None = None, quantize: str = "none",
+                        datastores: Sequence[str] | None = None, retrieval_encoder: str | None = None,
+                        **kwargs) -> "Captioner":
         """Load a SmallCap checkpoint (Hub id, directory or bundled short name) with its tokenizer and image
         processor (`smallcap.loading.load_captioner_parts`: the checkpoint's own, else its base models').
 
-        With `datastores`, captions are retrieved from them (combined) with `retrieval_encoder` (default: the
-        encoder the datastores were built with).
+        `dtype` ("float32" (default), "bfloat16", "float16" or a torch dtype) and `quantize` ("none" or "int8":
+        the decoder's linear layers, CPU) are the opt-in fast modes of `smallcap.precision`; both may change some
+        captions. With `datastores`, captions are retrieved from them (combined) with `retrieval_encoder`
+        (default: the encoder the datastores were built with).
         """
-        smallcap, tok, processor = load_captioner_parts(model, tokenizer=tokenizer, image_processor=image_processor,
-                                                        **({"dtype": dtype} if dtype else {}))
-        smallcap = smallcap.to(device)
+        from smallcap.precision import DTYPES, apply_precision, check_precision, dtype_name
+
+        check_precision(device, dtype, quantize)  # before loading anything
+        load_dtype = DTYPES[dtype_name(dtype)]
+        smallcap, tok, processor = load_captioner_parts(
+            model, tokenizer=tokenizer, image_processor=image_processor,
+            **({"dtype": load_dtype} if load_dtype != torch.float32 else {}))
+        smallcap = apply_precision(smallcap, device, dtype, quantize)
         if datastores:
             from smallcap.retrieval.retriever import DatastoreRetriever
 
@@ -111,6 +122,10 @@ class Captioner:
         """The decoder's number of positions (prompt + caption must fit), if the config says."""
         decoder = self.model.config.decoder
         return getattr(decoder, "n_positions", None) or getattr(decoder, "max_position_embeddings", None)
+
+    def prompt_length(self, retrieved: Sequence[str] | None) -> int:
+        """The number of prompt tokens for these retrieved captions (as captioning would build the prompt)."""
+        return len(self._fitting_prompt(retrieved if self.use_retrieval else None)[0])
 
     def _fitting_prompt(self, retrieved: Sequence[str] | None) -> tuple[list[int], int]:
         """Prompt ids with up to k retrieved captions, fewer (with a warning, once) when the prompt and
@@ -164,26 +179,44 @@ class Captioner:
                                     f"{' ...' if len(empty) > 3 else ''}; the prompt needs at least one "
                                     "(or caption without retrieval: --no-retrieval / use_retrieval=False)")
         bar = tqdm(total=len(images), desc="captioning", unit="image", disable=not progress)
-        for start in range(0, len(images), batch_size):
-            batch = [(index, describe(source, index), source)
-                     for index, source in enumerate(images[start:start + batch_size], start)]
-            results: list[CaptionResult] = []
-            loaded, ok = [], []
-            for position, (index, name, source) in enumerate(batch):
-                try:
-                    loaded.append(load_image(source, self.video, max_pixels=self.max_image_pixels))
-                    ok.append(position)
-                    results.append(CaptionResult(name, None))
-                except MissingExtraError:  # the environment, not this input: every video would fail alike
-                    raise
-                except SmallCapError as error:
-                    results.append(CaptionResult(name, None, error=str(error)))
-            if loaded:
-                self._caption_batch(loaded, [results[i] for i in ok],
-                                    None if retrieved is None else [retrieved[batch[i][0]] for i in ok])
-            bar.update(len(batch))
-            yield results
-        bar.close()
+        starts = range(0, len(images), batch_size)
+        # The next batch's files are read and decoded (images, video clips) in a background thread while this
+        # batch's captions are decoded, so input decoding overlaps the model instead of adding to it.
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smallcap-load")
+        try:
+            pending = loader.submit(self._load_batch, images, starts[0], batch_size) if starts else None
+            for start in starts:
+                batch, results, loaded, ok = pending.result()
+                if start + batch_size < len(images):
+                    pending = loader.submit(self._load_batch, images, start + batch_size, batch_size)
+                    if not self.prefetch:
+                        pending.result()  # (no overlap: for measuring what the overlap gains)
+                if loaded:
+                    self._caption_batch(loaded, [results[i] for i in ok],
+                                        None if retrieved is None else [retrieved[batch[i][0]] for i in ok])
+                bar.update(len(batch))
+                yield results
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+
+    def _load_batch(self, images: Sequence[ImageInput], start: int, batch_size: int):
+        """Read the inputs of one batch: (batch entries, results with errors filled in, loaded images, positions
+        of the loaded ones). MissingExtraError propagates: it is the environment, not one input."""
+        batch = [(index, describe(source, index), source)
+                 for index, source in enumerate(images[start:start + batch_size], start)]
+        results: list[CaptionResult] = []
+        loaded, ok = [], []
+        for position, (index, name, source) in enumerate(batch):
+            try:
+                loaded.append(load_image(source, self.video, max_pixels=self.max_image_pixels))
+                ok.append(position)
+                results.append(CaptionResult(name, None))
+            except MissingExtraError:  # every video would fail alike
+                raise
+            except SmallCapError as error:
+                results.append(CaptionResult(name, None, error=str(error)))
+        return batch, results, loaded, ok
 
     def _caption_batch(self, images: list[Image.Image], results: list[CaptionResult],
                        retrieved: list[Sequence[str]] | None) -> None:

@@ -56,9 +56,11 @@ def settings_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.name + ".settings.json")
 
 
-def check_resume_settings(output: str | os.PathLike, settings: dict, overwrite: bool = False) -> None:
+def check_resume_settings(output: str | os.PathLike, settings: dict, overwrite: bool = False,
+                          recorded_defaults: dict | None = None) -> None:
     """Before any work: record `settings` for `output`, or refuse when an earlier run (finished or not) made it
-    with other settings. With `overwrite` the earlier run's progress is discarded instead."""
+    with other settings. With `overwrite` the earlier run's progress is discarded instead. `recorded_defaults`
+    gives the value an earlier record that lacks a key (made before that setting existed) was made with."""
     output = Path(output)
     partial = output.with_name(output.name + ".partial.jsonl")
     record = settings_path(output)
@@ -70,6 +72,7 @@ def check_resume_settings(output: str | os.PathLike, settings: dict, overwrite: 
         except (OSError, json.JSONDecodeError) as error:
             raise SmallCapError(f"{record}: unreadable settings of an earlier run ({error}); pass --overwrite to "
                                 "start again") from None
+        earlier = {**(recorded_defaults or {}), **earlier}
         changed = {key: (earlier.get(key), value) for key, value in settings.items() if earlier.get(key) != value}
         if changed and (output.exists() or partial.exists()):
             detail = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changed.items())
@@ -90,7 +93,8 @@ def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output
     Progress is appended to `output.partial.jsonl`, so an interrupted run continues where it stopped; images
     already in a finished `output` are kept too. With `features` (a FeatureCache of this model's encoder), cached
     encoder states replace the vision forward pass when the prompt needs no images (retrieved captions given,
-    or no retrieval). `overwrite` starts again, ignoring both.
+    or no retrieval). `overwrite` starts again, ignoring both. With retrieved captions given, images are decoded
+    in order of prompt length (less padding; same captions).
     """
     if batch_size < 1:
         raise SmallCapError(f"batch size must be at least 1, got {batch_size}")
@@ -112,6 +116,10 @@ def predict(captioner: Captioner, images: Sequence[tuple[ImageId, Path]], output
             raise SmallCapError(f"empty list of retrieved captions for image ids {', '.join(empty[:5])}"
                                 f"{' ...' if len(empty) > 5 else ''}; the prompt needs at least one "
                                 "(or pass --no-retrieval)")
+    if retrieved is not None and captioner.use_retrieval:
+        # Batches of similar prompt lengths waste less work on left padding. Batched decoding is exact, so the
+        # captions are those of any other order; the output file keeps the input order.
+        todo.sort(key=lambda item: captioner.prompt_length(retrieved[str(item[0])]))
     use_features = features is not None and (retrieved is not None or not captioner.use_retrieval)
     failed: dict[str, str] = {}
     bar = tqdm(total=len(todo), desc="predicting", unit="image", disable=not progress, file=sys.stderr)

@@ -1,7 +1,8 @@
 """The `smallcap` command line: one subcommand module per pipeline verb, each a thin layer over the API.
 
 Each module in `COMMANDS` exposes `register(subparsers)`, which adds its parser and sets `func` to a
-callable taking the parsed arguments and returning an exit code.
+callable taking the parsed arguments and returning an exit code; it may set `validate`, a callable that checks
+the options together (raising SmallCapError) before `func` runs.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except SmallCapError as error:  # a subcommand module could not be imported (e.g. a missing extra)
         print(f"smallcap: error: {error}", file=sys.stderr)
         return 2
-    _quiet_library_output()
     try:
+        if getattr(args, "validate", None) is not None:  # checks across options, before any work
+            args.validate(args)
+        _quiet_library_output()
         return int(args.func(args) or 0)
     except SmallCapError as error:
         print(f"smallcap {args.command}: error: {error}", file=sys.stderr)

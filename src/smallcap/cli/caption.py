@@ -22,7 +22,7 @@ def register(subparsers) -> None:
                         help="append one JSON line per image here as each batch finishes; a rerun skips the "
                              "images already captioned in it")
     parser.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming it")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, validate=check_precision_arguments)
 
 
 def add_captioner_arguments(parser) -> None:
@@ -47,8 +47,7 @@ def add_captioner_arguments(parser) -> None:
                         help="refuse (as a per-input error) images with more pixels than this, read from the file "
                              "header (default: Pillow's limit, %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="model weights' precision (reduced precision may change some captions)")
+    add_precision_arguments(parser)
     parser.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's")
     parser.add_argument("--image-processor", default=None, help="image processor to use instead of the model's")
     parser.add_argument("--frames", type=positive_int, default=4, help="video: frames sampled evenly over each clip")
@@ -56,6 +55,24 @@ def add_captioner_arguments(parser) -> None:
                         help="video: rows of the frame grid (default 2 for 4 frames)")
     parser.add_argument("--cols", type=positive_int, default=None, help="video: columns of the frame grid")
     parser.add_argument("--save-tiles", type=Path, metavar="DIR", help="video: write each tiled image here as PNG")
+
+
+def add_precision_arguments(parser) -> None:
+    """`--dtype` and `--quantize` (opt-in fast modes, `smallcap.precision`), shared by caption, predict, serve."""
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="model weights' precision: float32 (exact, default), bfloat16 (faster on CPUs with "
+                             "bf16 support), float16 (GPU only); reduced precision may change some captions")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: dynamic int8 quantization of the decoder's linear layers (CPU, float32 only; "
+                             "faster, may change some captions); default none")
+
+
+def check_precision_arguments(args) -> None:
+    """--device, --dtype and --quantize checked together (`smallcap.precision.check_precision`), run by the CLI
+    right after parsing (`validate` default): a bad combination fails before anything is loaded or written."""
+    from smallcap.precision import check_precision
+
+    check_precision(args.device, args.dtype, args.quantize)
 
 
 def captioner_options(args) -> dict:
@@ -67,7 +84,7 @@ def captioner_options(args) -> dict:
 
     return dict(
         model=args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
-        dtype=None if args.dtype == "float32" else getattr(torch, args.dtype),
+        dtype=None if args.dtype == "float32" else getattr(torch, args.dtype), quantize=args.quantize,
         k=args.k, use_retrieval=False if args.no_retrieval else None,
         datastores=args.datastore, retrieval_encoder=args.retrieval_encoder,
         settings=GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens),

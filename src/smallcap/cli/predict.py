@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from smallcap.cli.caption import add_captioner_arguments, build_captioner
+from smallcap.cli.caption import add_captioner_arguments, build_captioner, check_precision_arguments
 from smallcap.cli.options import positive_int
 from smallcap.errors import SmallCapError
 
@@ -41,7 +41,11 @@ def register(subparsers) -> None:
                             "(default: PREDS.json.shards/)")
     scale.add_argument("--shard-size", type=positive_int, default=1000,
                        help="images per output shard for inputs that are not tar files (default 1000)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, validate=check_precision_arguments)
+
+
+# Settings added to the record after files were made without them, and the value those files were made with.
+RECORDED_DEFAULTS = {"quantize": "none"}
 
 
 def run_settings(args) -> dict:
@@ -51,7 +55,7 @@ def run_settings(args) -> dict:
         return None if path is None else str(Path(path).expanduser().resolve()) if Path(path).exists() else str(path)
 
     return {"model": absolute(args.model), "tokenizer": args.tokenizer, "image_processor": args.image_processor,
-            "dtype": args.dtype, "retrieval": not args.no_retrieval,
+            "dtype": args.dtype, "quantize": args.quantize, "retrieval": not args.no_retrieval,
             "datastore": None if not args.datastore else [absolute(d) for d in args.datastore],
             "retrieval_encoder": args.retrieval_encoder, "retrieved": absolute(args.retrieved), "k": args.k,
             "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
@@ -70,7 +74,7 @@ def run(args) -> int:
     if len(args.data) > 1:
         raise SmallCapError(f"{len(args.data)} DATA inputs given; several inputs need --engine ray")
     images = dataset_images(args.data[0], split=args.split, images_dir=args.images_dir, format=args.format)
-    check_resume_settings(args.out, run_settings(args), overwrite=args.overwrite)
+    check_resume_settings(args.out, run_settings(args), overwrite=args.overwrite, recorded_defaults=RECORDED_DEFAULTS)
     captioner = build_captioner(args)
     features = None
     if args.features is not None:

@@ -10,6 +10,7 @@ from smallcap.errors import SmallCapError, require_extra
 
 def register(subparsers) -> None:
     """Add the `serve` subcommand."""
+    from smallcap.cli.caption import add_precision_arguments, check_precision_arguments
     from smallcap.serving.engine import DEFAULT_SERVE_DATASTORES, DEFAULT_SERVE_MODEL
 
     parser = subparsers.add_parser(
@@ -32,8 +33,9 @@ def register(subparsers) -> None:
                         help="images allowed to wait; beyond that requests get 503 (default 256)")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_precision_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, validate=check_precision_arguments)
 
 
 def validate(args) -> None:
@@ -68,7 +70,8 @@ def run(args) -> int:
         failure.append(error)
         server.should_exit = True
 
-    app = create_app(lambda: Engine.load(args.model, args.datastore, args.device), max_batch=args.max_batch,
+    app = create_app(lambda: Engine.load(args.model, args.datastore, args.device, dtype=args.dtype,
+                                         quantize=args.quantize), max_batch=args.max_batch,
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
                      on_load_error=load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -85,8 +85,9 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = DEFAULT_SERVE_MODEL, datastores: Sequence[str] | None = None,
-             device: str = "cpu") -> "Engine":
-        """Load `model` and open `datastores` (names or directories; the first is the default)."""
+             device: str = "cpu", dtype: str = "float32", quantize: str = "none") -> "Engine":
+        """Load `model` (in the `dtype`/`quantize` mode of `Captioner.from_pretrained`) and open `datastores`
+        (names or directories; the first is the default)."""
         from smallcap.captioner import Captioner
         from smallcap.retrieval.datastore import Datastore
 
@@ -99,7 +100,7 @@ class Engine:
                 raise SmallCapError(f"two datastores would be served under the name {name!r}; "
                                     "rename one of the directories")
             stores[name] = Datastore.load(name_or_dir)
-        captioner = Captioner.from_pretrained(model, device=device)
+        captioner = Captioner.from_pretrained(model, device=device, dtype=dtype, quantize=quantize)
         return cls(captioner, stores, model, list(stores)[:1])
 
     def check_datastores(self, names: Sequence[str]) -> tuple[str, ...]:
@@ -167,9 +168,11 @@ class Engine:
 
     def model_info(self) -> dict:
         """The model's name, parameter counts and default settings."""
+        from smallcap.precision import quantization_of
+
         model = self.captioner.model
         return {"name": self.model_name, "parameters": sum(p.numel() for p in model.parameters()),
                 "k": self.captioner.k,
                 "use_retrieval": self.captioner.use_retrieval, "device": str(model.device),
-                "dtype": str(model.dtype).replace("torch.", ""),
+                "dtype": str(model.dtype).replace("torch.", ""), "quantize": quantization_of(model),
                 "default_datastores": list(self.default_datastores)}
