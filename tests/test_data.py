@@ -89,7 +89,7 @@ def test_json_list_of_strings_and_of_objects(tmp_path):
 def test_invalid_json_names_the_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[\n"a cat",\n"a dog"\n')
-    with pytest.raises(SmallCapError, match=r"broken.json:4: not valid JSON"):
+    with pytest.raises(SmallCapError, match=r"caption file .*broken.json is not valid JSON: .* at line 4 column 1"):
         list(read_captions(path))
 
 
@@ -126,8 +126,8 @@ def test_jsonl_with_columns_and_errors(tmp_path):
     path.write_text('{"text": "a cat", "img": "c1", "file_name": "c1.jpg"}\n\n{"text": "a dog", "img": "d1"}\n')
     records = list(read_captions(path, column="text", id_column="img"))
     assert records == [CaptionRecord("a cat", "c1", str(path), "c1.jpg"), CaptionRecord("a dog", "d1", str(path))]
-    # Without an id column the line number is the id.
-    assert [r.image_id for r in read_captions(path, column="text")] == [1, 3]
+    # Without an id column: the image file's stem, else the line number.
+    assert [r.image_id for r in read_captions(path, column="text")] == ["c1", 3]
     with pytest.raises(SmallCapError, match=r"caps.jsonl:1: no 'caption' field \(fields: text, img, file_name\)"):
         list(read_captions(path))
     bad = tmp_path / "bad.jsonl"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from smallcap.data import load_json
 from smallcap.errors import SmallCapError
 from smallcap.io import atomic_open, atomic_write_json
 
@@ -76,11 +76,11 @@ class FeatureCache(Mapping):
         if not manifest_path.exists():
             raise SmallCapError(f"{self.directory} is not a feature cache (no {MANIFEST}); "
                                 "make one with `smallcap features extract`")
-        self.manifest = _read_json(manifest_path)
+        self.manifest = load_json(manifest_path, "feature cache manifest")
         if self.manifest.get("format") != FORMAT_VERSION:
             raise SmallCapError(f"{manifest_path} has cache format {self.manifest.get('format')!r}; "
                                 f"this version reads format {FORMAT_VERSION}")
-        index = _read_json(self.directory / INDEX) if (self.directory / INDEX).exists() else {}
+        index = load_json(self.directory / INDEX, "feature cache index") if (self.directory / INDEX).exists() else {}
         self._rows: dict[str, tuple[int, int]] = {k: (int(s), int(r)) for k, (s, r) in index.get("rows", {}).items()}
         self.skipped: dict[str, str] = dict(index.get("skipped", {}))
         self.num_shards = int(index.get("num_shards", 0))
@@ -271,14 +271,6 @@ def _write_shard(out_dir: Path, number: int, ids: list[str], arrays: list[np.nda
 
 def _shard_name(number: int) -> str:
     return f"shard-{number:05d}.npy"
-
-
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise SmallCapError(f"cannot read {path}: {error}") from error
 
 
 def extract_dataset_features(data: str | os.PathLike, model: str, out_dir: str | os.PathLike,
