@@ -165,7 +165,7 @@ def load_json(path: str | os.PathLike, what: str = "caption", format: str | None
     missing, unreadable, not UTF-8 (byte and offset), not JSON (line and column), and the expected form of
     `format` (a key of EXPECTED) if given."""
     path = Path(path)
-    expected = f"; expected {EXPECTED[format].format(column=column)}" if format else ""
+    expected = f"; expected {expected_form(format, column)}" if format else ""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -184,9 +184,14 @@ def load_json(path: str | os.PathLike, what: str = "caption", format: str | None
                             f"column {error.colno}{expected}") from None
 
 
+def expected_form(fmt: str, column: str = "caption") -> str:
+    """What a file of format `fmt` should look like, for error messages."""
+    return EXPECTED[fmt].format(column=column)
+
+
 def _error(path: Path, fmt: str, problem: str, line: int | None = None, column: str = "caption") -> SmallCapError:
     where = f"{path}:{line}" if line is not None else str(path)
-    return SmallCapError(f"{where}: {problem}; expected {EXPECTED[fmt].format(column=column)}")
+    return SmallCapError(f"{where}: {problem}; expected {expected_form(fmt, column)}")
 
 
 def _read_text(path: Path) -> Iterator[CaptionRecord]:

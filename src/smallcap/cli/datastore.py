@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     build.add_argument("--format", choices=FORMATS, help="input format (default: detected per file)")
     build.add_argument("--column", default="caption", help="caption column of JSONL/CSV/Parquet/JSON records")
     build.add_argument("--id-column", help="image id column of JSONL/CSV/Parquet/JSON records")
+    build.add_argument("--text", choices=["raw", "tokens"], default="raw",
+                       help="Karpathy files: index the raw sentences (default) or their tokens joined by spaces, "
+                            "as the reference builds its datastore (see smallcap.data)")
     build.add_argument("--batch-size", type=positive_int, default=256, help="captions per encoder batch")
     build.add_argument("--shard-size", type=positive_int, default=16384, help="captions per resumable embedding shard")
     build.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
@@ -137,7 +140,7 @@ def run_build(args: argparse.Namespace) -> int:
     store = build_datastore(
         args.inputs, args.out, args.encoder, index=args.index, max_tokens=args.max_tokens or None,
         tokenizer=tokenizer or DEFAULT_LENGTH_TOKENIZER, dedupe=args.dedupe, batch_size=args.batch_size, shard_size=args.shard_size,
-        splits=splits, format=args.format, column=args.column, id_column=args.id_column,
+        splits=splits, format=args.format, column=args.column, id_column=args.id_column, text=args.text,
         memory_budget=int(args.memory_budget * 2**30), overwrite=args.overwrite, device=_device(args.device),
         embedder=embedder)
     print(f"{store.directory}: {len(store)} captions, {store.manifest['index']['type']} index, {store.encoder_name}")

@@ -155,11 +155,27 @@ def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[str | Path] 
                             "directory")
 
 
+def read_datastore_captions(inputs: Sequence[str | Path], splits: Sequence[str] | None = DATASTORE_SPLITS,
+                            format: str | None = None, column: str = "caption", id_column: str | None = None,
+                            text: str = "raw") -> tuple[list[CaptionRecord], list[dict]]:
+    """The caption records a datastore build reads from `inputs` (`smallcap.data.read_captions`; text rule "raw"
+    by default, "tokens" indexes Karpathy files as the reference does), and per input its path, sha256 and
+    record count."""
+    records: list[CaptionRecord] = []
+    input_info = []
+    for path in inputs:
+        before = len(records)
+        records.extend(read_captions(path, format=format, column=column, id_column=id_column, splits=splits,
+                                     text=text))
+        input_info.append({"path": str(path), "sha256": sha256_file(path), "records": len(records) - before})
+    return records, input_info
+
+
 def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: RetrievalEncoder | str, *,
                     index: str = "auto", max_tokens: int | None = 25, tokenizer: Any = DEFAULT_LENGTH_TOKENIZER,
                     dedupe: bool = False, batch_size: int = 256, shard_size: int = DEFAULT_SHARD_SIZE,
                     splits: Sequence[str] | None = DATASTORE_SPLITS, format: str | None = None,
-                    column: str = "caption", id_column: str | None = None,
+                    column: str = "caption", id_column: str | None = None, text: str = "raw",
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, overwrite: bool = False, device: str = "cpu",
                     progress: bool = True, embedder: ShardEmbedder | None = None) -> Datastore:
     """Build a datastore from caption files and return it opened.
@@ -168,7 +184,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     `smallcap.retrieval.index.choose_index`). `max_tokens`: drop captions longer than this many decoder
     tokens (`tokenizer`: GPT-2 tokenizer object, Hub id or directory). `splits`: for files with splits
     (Karpathy, MSR-VTT) keep only these (default train + restval); None keeps all. `format`, `column`,
-    `id_column`: reader options (smallcap.data). Embeddings go to `<out_dir>/../.<name>.build/` in shards of
+    `id_column`, `text`: reader options (`read_datastore_captions`). Embeddings go to `<out_dir>/../.<name>.build/` in shards of
     `shard_size` captions; rerunning after an interruption resumes there. `embedder` embeds the shards still
     to do elsewhere (e.g. `smallcap.scale.datastore.RayShardEmbedder`); default: `encoder`, in this process.
     """
@@ -176,12 +192,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     _check_out_dir(out_dir, overwrite, inputs)
     if not inputs:
         raise SmallCapError("no input caption files given")
-    records: list[CaptionRecord] = []
-    input_info = []
-    for path in inputs:
-        before = len(records)
-        records.extend(read_captions(path, format=format, column=column, id_column=id_column, splits=splits))
-        input_info.append({"path": str(path), "sha256": sha256_file(path), "records": len(records) - before})
+    records, input_info = read_datastore_captions(inputs, splits, format, column, id_column, text)
     tokenizer_name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
     if isinstance(tokenizer, str) and max_tokens is not None:
         tokenizer = load_length_tokenizer(tokenizer)
