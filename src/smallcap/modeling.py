@@ -28,7 +28,7 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.gpt2.modeling_gpt2 import Conv1D, GPT2Attention
 
-from smallcap.decoders import family_of, supported_families
+from smallcap.decoders import CrossAttentionConfig, family_of, supported_families
 from smallcap.decoders.opt import SmallCapOPTConfig, SmallCapOPTDecoder
 from smallcap.decoders.xglm import SmallCapXGLMConfig, SmallCapXGLMDecoder
 from smallcap.errors import SmallCapError
@@ -44,20 +44,13 @@ _OBSOLETE_BUFFER_SUFFIXES = (
 _OBSOLETE_BUFFER_KEYS = ("encoder.embeddings.position_ids", "decoder.model.embed_positions.weights")
 
 
-class SmallCapDecoderConfig(GPT2Config):
+class SmallCapDecoderConfig(CrossAttentionConfig, GPT2Config):
     """GPT-2 config plus the reduce factor and encoder width of SmallCap's cross-attention.
 
     `model_type` is "this_gpt2", the name reference checkpoints use.
     """
 
     model_type = "this_gpt2"
-    cross_attention_reduce_factor: int = 1
-    encoder_hidden_size: int = 768
-
-    def __post_init__(self, **kwargs):
-        kwargs.setdefault("is_decoder", True)
-        kwargs.setdefault("add_cross_attention", True)
-        super().__post_init__(**kwargs)
 
 
 class ReducedCrossAttention(GPT2Attention):
