@@ -29,6 +29,12 @@ for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Longest file first: with `--dist loadfile` a worker takes whole files in this order, and the small world's
+    build, pretraining and pipeline (test_small_world.py, ~15 min on one thread) would otherwise start last."""
+    items.sort(key=lambda item: item.path.name != "test_small_world.py")
+
+
 def pytest_configure(config):
     if not SHARED.is_dir():
         raise pytest.UsageError(f"shared data not found at {SHARED}; set SMALLCAP_SHARED")
@@ -119,17 +125,4 @@ def tiny_smallcap(tiny_smallcap_parts, tmp_path_factory) -> Path:
     SmallCap.from_encoder_decoder_pretrained(str(clip), str(gpt2)).save_pretrained(out)
     load_tokenizer(str(GPT2_TOKENIZER_DIR)).save_pretrained(out)
     CLIPImageProcessor.from_pretrained(clip).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def small_world(tmp_path_factory) -> Path:
-    """The small miniworld (seed 0), built once per session with `scripts/build_miniworld.py OUT --small` the way
-    a user runs it. It lies at RUN/world so that the pipeline test's `benchmarks/miniworld.py --work RUN` reuses it
-    (same seed and preset) instead of building and pretraining it a second time."""
-    out = tmp_path_factory.mktemp("miniworld") / "run" / "world"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_miniworld.py"), str(out), "--small",
-                             "--quiet", "--threads", "1", "--clip-tokenizer", str(CLIP_TOKENIZER_DIR)],
-                            capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, result.stderr
     return out

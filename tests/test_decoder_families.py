@@ -1,5 +1,6 @@
 """Every verb with the OPT and XGLM decoder families, on tiny models built in-test and real COCO images:
-features, train (`--decoder <local dir>`), caption and predict; unsupported families; real-size parameter counts."""
+features, train (`--decoder <local dir>`), caption, predict and serve; unsupported families; real-size parameter
+counts."""
 
 from __future__ import annotations
 
@@ -101,6 +102,31 @@ def test_caption_and_predict_with_the_trained_checkpoint(trained, coco, features
             "--retrieved", coco["retrieved"], "--out", preds)
     by_id = {row["image_id"]: row["caption"] for row in json.loads(preds.read_text())}
     assert [by_id[int(f.stem)] for f in coco["files"]] == expected
+
+
+@pytest.mark.slow
+def test_serve_answers_with_the_trained_checkpoint(trained, coco):
+    """`smallcap serve` loads the family through the same loader and answers over HTTP (real uvicorn) with the
+    captions the Python API gives for the same images without retrieval."""
+    pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'smallcap[serve]'")
+    import httpx
+
+    from serving_helpers import live_server, wait_ready
+    from smallcap.serving.app import create_app
+    from smallcap.serving.engine import Engine
+
+    decoder_type, _, checkpoint = trained
+    engine = Engine.load(str(checkpoint))
+    expected = [r.caption for r in Captioner.from_pretrained(str(checkpoint), use_retrieval=False)(
+        [str(f) for f in coco["files"]])]
+    files = [("files", (f.name, f.read_bytes(), "image/jpeg")) for f in coco["files"]]
+    app = create_app(lambda: engine, max_wait_ms=50)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        wait_ready(client)
+        response = client.post("/v1/captions", files=files, data={"datastores": "none"})
+        assert response.status_code == 200, response.text
+        assert [r["caption"] for r in response.json()["results"]] == expected
+        assert client.get("/v1/model").json()["name"] == str(checkpoint), decoder_type
 
 
 def test_an_unsupported_family_fails_with_one_short_message(tmp_path, tiny_clip_dir):

@@ -27,11 +27,13 @@ COMMANDS = [
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Build the top-level parser: with `command`, only that subcommand's module is imported (fast start-up);
-    otherwise every registered subcommand (for the overview help)."""
+    for `--version` none; otherwise every registered subcommand (for the overview help)."""
     parser = argparse.ArgumentParser(prog="smallcap", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"smallcap {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    names = [n for n in COMMANDS if n.rsplit(".", 1)[-1] == command] or COMMANDS
+    names = [n for n in COMMANDS if n.rsplit(".", 1)[-1] == command]
+    if not names and command != "--version":  # the version needs no subcommand (nor torch)
+        names = COMMANDS
     for name in names:
         importlib.import_module(name).register(subparsers)
     return parser
