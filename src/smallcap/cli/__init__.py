@@ -1,7 +1,9 @@
 """The `smallcap` command line: one subcommand module per pipeline verb, each a thin layer over the API.
 
 Each module in `COMMANDS` exposes `register(subparsers)`, which adds its parser and sets `func` to a
-callable taking the parsed arguments and returning an exit code.
+callable taking the parsed arguments and returning an exit code. Subcommand modules import the parts of the
+package that load torch, transformers, faiss or an optional extra inside `run`, so that `smallcap CMD --help` and
+bad arguments answer at once; everything light is imported at the top.
 """
 
 from __future__ import annotations

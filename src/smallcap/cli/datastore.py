@@ -13,6 +13,8 @@ from smallcap.cli.options import non_negative_int, positive_float, positive_int
 from smallcap.data import DATASTORE_SPLITS, FORMATS
 from smallcap.cli.caption import PIL_MAX_IMAGE_PIXELS
 from smallcap.errors import SmallCapError
+from smallcap.hub import bundled_path, local_snapshot
+from smallcap.images import load_image
 
 DEFAULT_LENGTH_TOKENIZER = "gpt2"  # smallcap.retrieval.build.DEFAULT_LENGTH_TOKENIZER
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"  # smallcap.retrieval.encoders.DEFAULT_RETRIEVAL_ENCODER (not
@@ -123,7 +125,6 @@ def run_build(args: argparse.Namespace) -> int:
     splits = None if args.splits == "all" else [split for split in args.splits.split(",") if split]
     tokenizer = args.tokenizer
     if tokenizer is None and args.model is not None and args.max_tokens:
-        from smallcap.hub import bundled_path, local_snapshot
         from smallcap.loading import TOKENIZER_FILES
 
         directory = Path(local_snapshot(args.model))
@@ -189,7 +190,6 @@ def run_search(args: argparse.Namespace) -> int:
     store = load_datastores(args.directories)
     encoder = load_encoder(args.encoder or store.encoder_name, device=_device(args.device))
     store.check_encoder(encoder)
-    from smallcap.images import load_image
 
     rows: list[dict] = [{"query": path} for path in args.image] + [{"query": text} for text in args.text]
     images, image_rows = [], []

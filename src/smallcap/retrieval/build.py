@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 import smallcap
 from smallcap.data import DATASTORE_SPLITS, CaptionRecord, read_captions
 from smallcap.errors import SmallCapError
-from smallcap.io import atomic_directory, atomic_open, atomic_write_json
+from smallcap.hub import explain_load_errors, resolve_pretrained
+from smallcap.io import atomic_directory, atomic_open, atomic_write_json, check_output_dir
 from smallcap.retrieval.datastore import FORMAT, FORMAT_VERSION, INDEX_FILE, Datastore, StringColumn
 from smallcap.retrieval.encoders import RetrievalEncoder, canonical_encoder_name, load_encoder
 from smallcap.retrieval.index import (
@@ -56,7 +57,6 @@ def load_length_tokenizer(name: str = DEFAULT_LENGTH_TOKENIZER):
     """The decoder's tokenizer (Hub id or directory; GPT-2, OPT or XGLM), used to measure caption lengths."""
     from transformers import AutoTokenizer, GPT2Tokenizer
 
-    from smallcap.hub import explain_load_errors, resolve_pretrained
 
     if not Path(name).expanduser().is_dir():
         name = resolve_pretrained(name, what="tokenizer")
@@ -120,8 +120,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[str | Path] 
     replace: only a datastore (its manifest and files, nothing else) or an empty directory is replaced; never
     the working directory or one of its parents, a file, or a folder holding the inputs or other files."""
     if not out_dir.exists():
-        from smallcap.io import check_output_dir
-
         check_output_dir(out_dir, "output")
         return
     if not overwrite:

@@ -31,6 +31,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from smallcap.errors import SmallCapError
+from smallcap.hub import resolve_datastore
+from smallcap.io import atomic_write_json
 from smallcap.retrieval.encoders import RetrievalEncoder, canonical_encoder_name
 from smallcap.retrieval.index import IndexSpec, read_index
 
@@ -153,8 +155,6 @@ class Datastore:
     def load(cls, directory: str | Path, mmap: bool = True) -> "Datastore":
         """Open a datastore directory (or bundled short name, `mini-source`); with `mmap` the index and captions
         are memory-mapped, not read."""
-        from smallcap.hub import resolve_datastore
-
         directory = resolve_datastore(directory)
         manifest_path = directory / "manifest.json"
         if not directory.is_dir():
@@ -312,8 +312,6 @@ def retrieve_for_training(store: Datastore | MultiDatastore, image_embeddings: n
     the reference's `{"<image_id>": [captions]}` JSON mapping. `exclude_own=False` keeps own captions (for
     images the datastore does not describe, e.g. a test split).
     """
-    from smallcap.io import atomic_write_json
-
     if len(image_embeddings) != len(image_ids):
         raise SmallCapError(f"{len(image_embeddings)} image embeddings for {len(image_ids)} image ids")
     retrieved: dict[str, list[str]] = {}
