@@ -146,7 +146,8 @@ def read_captions(path: str | Path, format: str | None = None, column: str = "ca
     elif fmt == "parquet":
         records = _read_parquet(path, table)
     else:
-        records = read_caption_data(load_json(path, "caption", format, column), path, format, column,
+        content = load_json(path, "caption", expected_form(format, column) if format else None)
+        records = read_caption_data(content, path, format, column,
                                     id_column, image_column, text, strict)
     allowed = None if splits is None else set(splits)
     for record in records:
@@ -159,13 +160,12 @@ def read_caption_files(paths: Iterable[str | Path], **options: Any) -> list[Capt
     return [record for path in paths for record in read_captions(path, **options)]
 
 
-def load_json(path: str | os.PathLike, what: str = "caption", format: str | None = None,
-              column: str = "caption") -> Any:
+def load_json(path: str | os.PathLike, what: str = "caption", expected: str | None = None) -> Any:
     """A JSON file's content (UTF-8, a BOM allowed), or a SmallCapError naming the `what` file and the problem:
-    missing, unreadable, not UTF-8 (byte and offset), not JSON (line and column), and the expected form of
-    `format` (a key of EXPECTED) if given."""
+    missing, unreadable, not UTF-8 (byte and offset), not JSON (line and column), and `expected` (what the file
+    should hold, e.g. `expected_form("coco")`) if given."""
     path = Path(path)
-    expected = f"; expected {expected_form(format, column)}" if format else ""
+    expected = f"; expected {expected}" if expected else ""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

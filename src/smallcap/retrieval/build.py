@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import smallcap
-from smallcap.data import DATASTORE_SPLITS, CaptionRecord, read_captions
+from smallcap.data import DATASTORE_SPLITS, CaptionRecord, load_json, read_captions
 from smallcap.errors import SmallCapError
 from smallcap.hub import explain_load_errors, resolve_pretrained
 from smallcap.io import atomic_directory, atomic_open, atomic_write_json, check_output_dir
@@ -356,14 +356,7 @@ def read_caption_list(path: str | Path) -> list[str]:
     """Captions of a published datastore: a JSON list, or a JSON object keyed by row id ("0".."n-1")."""
     path = Path(path)
     expected = 'a JSON list of caption strings, or an object {"0": caption, "1": ...} keyed by row id'
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SmallCapError(f"caption file {path} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise SmallCapError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); expected {expected}") from None
-    except (UnicodeDecodeError, IsADirectoryError) as error:
-        raise SmallCapError(f"{path}: unreadable ({error}); expected {expected}") from None
+    data = load_json(path, "caption", expected)
     if isinstance(data, dict):
         try:
             rows = {int(key): value for key, value in data.items()}
