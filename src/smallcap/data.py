@@ -53,7 +53,8 @@ IMAGE_COLUMNS = ("image", "image_file", "file_name", "filename", "image_path")
 # Which text of a caption a use reads. The reference builds both its training targets and its datastore from
 # Karpathy's tokens; evaluation always scores against the raw references.
 TEXT_RULES = {"raw": "the caption as written, whitespace collapsed (evaluation references, other formats)",
-              "tokens": "Karpathy files: the sentence's tokens joined by spaces (training targets)"}
+              "tokens": "Karpathy files: the sentence's tokens joined by spaces (training targets, the reference's "
+                        "datastore)"}
 # Karpathy's "restval" images are COCO val2014 images that the split moves into training.
 DATASTORE_SPLITS = ("train", "restval")
 
@@ -136,7 +137,7 @@ def read_captions(path: str | Path, format: str | None = None, column: str = "ca
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise SmallCapError(f"unknown caption format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    table = TableOptions(column, id_column, image_column, strict)
+    table = _TableOptions(column, id_column, image_column, strict)
     if fmt == "text":
         records = _read_text(path)
     elif fmt == "jsonl":
@@ -208,7 +209,7 @@ def _read_text(path: Path) -> Iterator[CaptionRecord]:
 
 
 @dataclass(frozen=True)
-class TableOptions:
+class _TableOptions:
     """How to read the rows of a table-like format: the caption, id and image fields, and `strict` (see
     `read_captions`)."""
 
@@ -219,7 +220,7 @@ class TableOptions:
 
 
 def _table_record(path: Path, fmt: str, row: dict, position: int, line: int | None,
-                  table: TableOptions) -> CaptionRecord:
+                  table: _TableOptions) -> CaptionRecord:
     """Turn one row of a table-like format into a record, checking the named fields."""
     column, id_column, image_column = table.column, table.id_column, table.image_column
     caption = row.get(column)
@@ -250,7 +251,7 @@ def _table_record(path: Path, fmt: str, row: dict, position: int, line: int | No
     return CaptionRecord(clean_caption(caption), image_id, str(path), image_file, None if split is None else str(split))
 
 
-def _read_jsonl(path: Path, table: TableOptions) -> Iterator[CaptionRecord]:
+def _read_jsonl(path: Path, table: _TableOptions) -> Iterator[CaptionRecord]:
     column = table.column
     with open(path, encoding="utf-8", errors="strict") as handle:
         number = 0
@@ -269,7 +270,7 @@ def _read_jsonl(path: Path, table: TableOptions) -> Iterator[CaptionRecord]:
             raise _error(path, "jsonl", "not valid UTF-8", number + 1, column) from None
 
 
-def _read_csv(path: Path, table: TableOptions) -> Iterator[CaptionRecord]:
+def _read_csv(path: Path, table: _TableOptions) -> Iterator[CaptionRecord]:
     column = table.column
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, encoding="utf-8", newline="") as handle:
@@ -290,7 +291,7 @@ def _read_csv(path: Path, table: TableOptions) -> Iterator[CaptionRecord]:
             raise _error(path, "csv", f"malformed CSV ({error})", reader.line_num, column) from None
 
 
-def _read_parquet(path: Path, table: TableOptions) -> Iterator[CaptionRecord]:
+def _read_parquet(path: Path, table: _TableOptions) -> Iterator[CaptionRecord]:
     column, id_column, image_column = table.column, table.id_column, table.image_column
     try:
         import pyarrow.parquet as pq
@@ -325,7 +326,7 @@ def read_caption_data(data: Any, source: str | Path, format: str | None = None, 
     path = Path(source)
     fmt = format or json_format(data)
     if fmt == "json":
-        return _read_json_list(path, data, TableOptions(column, id_column, image_column, strict))
+        return _read_json_list(path, data, _TableOptions(column, id_column, image_column, strict))
     if fmt == "karpathy":
         return _read_karpathy(path, data, text)
     return {"coco": _read_coco, "msrvtt": _read_msrvtt}[fmt](path, data)
@@ -344,7 +345,7 @@ def json_format(data: Any) -> str:
     return "json"
 
 
-def _read_json_list(path: Path, data: Any, table: TableOptions) -> Iterator[CaptionRecord]:
+def _read_json_list(path: Path, data: Any, table: _TableOptions) -> Iterator[CaptionRecord]:
     column = table.column
     if not isinstance(data, list):
         raise _error(path, "json", f"a JSON {type(data).__name__} of an unknown layout", column=column)

@@ -4,7 +4,7 @@ and on request CLIPScore / RefCLIPScore (`smallcap.clipscore`), which also look 
 `evaluate(references, predictions)` gives the numbers pycocoevalcap's `COCOEvalCap` gives on the same
 inputs, x100, restricted to the predicted images; nocaps-style references (a `domain` on each image) are
 scored per domain as well. References are COCO caption annotations, Karpathy split files or MSR-VTT
-annotations. Every metric is one function in `SCORERS` taking a `Batch`.
+annotations, read by `smallcap.data` (raw text). Every metric is one function in `SCORERS` taking a `Batch`.
 """
 
 from __future__ import annotations
