@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import smallcap
-from smallcap.data import DATASTORE_SPLITS, CaptionRecord, load_json, read_captions
+from smallcap.data import DATASTORE_SPLITS, CaptionRecord, image_id_key, load_json, read_captions
 from smallcap.errors import SmallCapError
 from smallcap.hub import explain_load_errors, resolve_pretrained
 from smallcap.io import atomic_directory, atomic_open, atomic_write_json, check_output_dir
@@ -221,7 +221,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
 
     per_source: dict[str, int] = {}
     for record in kept:
-        per_source[str(record.image_id)] = per_source.get(str(record.image_id), 0) + 1
+        per_source[image_id_key(record.image_id)] = per_source.get(image_id_key(record.image_id), 0) + 1
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "smallcap_version": smallcap.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -236,7 +236,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     }
     sources = np.asarray([source_of[record.source] for record in kept], dtype=np.int32)
     write_datastore(out_dir, overwrite, manifest, lambda path: faiss.write_index(faiss_index, str(path)),
-                    (r.caption for r in kept), (str(r.image_id) for r in kept), sources)
+                    (r.caption for r in kept), (image_id_key(r.image_id) for r in kept), sources)
     shutil.rmtree(work, ignore_errors=True)
     _log(f"wrote {out_dir}: {len(kept)} captions")
     return Datastore.load(out_dir)
