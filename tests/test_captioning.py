@@ -111,7 +111,7 @@ def test_cli_clear_errors(tmp_path):
     image = golden.image_paths()[0]
     cases = [
         (["--model", tmp_path / "nope"], "does not exist"),
-        (["--model", GOLDEN, "--retrieved", tmp_path / "none.json"], "none.json: no such file"),
+        (["--model", GOLDEN, "--retrieved", tmp_path / "none.json"], "none.json does not exist"),
         (["--model", GOLDEN, "--retrieved", GOLDEN / "config.json"], "expected a JSON object {image_id: [caption"),
         (["--model", GOLDEN, "--retrieved", GOLDEN / "target_captions.json"], "expected a JSON object"),
         (["--model", "Yova/SmallCap7M"], "Hub is offline"),

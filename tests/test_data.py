@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
 from conftest import COCO_MINI, COCO_VAL_CAPTIONS
 
-from smallcap.data import CaptionRecord, clean_caption, read_caption_files, read_captions
+from smallcap.data import CaptionRecord, clean_caption, dataset_images, image_id_key, read_caption_files, read_captions
 from smallcap.errors import SmallCapError
+from smallcap.evaluation import load_references
+from smallcap.retrieval.build import read_datastore_captions
+from smallcap.training_data import read_training_samples
 
 COCO_TRAIN = COCO_MINI / "annotations" / "captions_train2017.json"
 
@@ -89,7 +93,7 @@ def test_json_list_of_strings_and_of_objects(tmp_path):
 def test_invalid_json_names_the_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[\n"a cat",\n"a dog"\n')
-    with pytest.raises(SmallCapError, match=r"broken.json:4: not valid JSON"):
+    with pytest.raises(SmallCapError, match=r"caption file .*broken.json is not valid JSON: .* at line 4 column 1"):
         list(read_captions(path))
 
 
@@ -126,8 +130,8 @@ def test_jsonl_with_columns_and_errors(tmp_path):
     path.write_text('{"text": "a cat", "img": "c1", "file_name": "c1.jpg"}\n\n{"text": "a dog", "img": "d1"}\n')
     records = list(read_captions(path, column="text", id_column="img"))
     assert records == [CaptionRecord("a cat", "c1", str(path), "c1.jpg"), CaptionRecord("a dog", "d1", str(path))]
-    # Without an id column the line number is the id.
-    assert [r.image_id for r in read_captions(path, column="text")] == [1, 3]
+    # Without an id column: the image file's stem, else the line number.
+    assert [r.image_id for r in read_captions(path, column="text")] == ["c1", 3]
     with pytest.raises(SmallCapError, match=r"caps.jsonl:1: no 'caption' field \(fields: text, img, file_name\)"):
         list(read_captions(path))
     bad = tmp_path / "bad.jsonl"
@@ -202,63 +206,130 @@ def test_read_several_files_in_order(tmp_path):
 
 # ------------------------------------------------------------------ every entry point reads the same files alike
 
-def _karpathy_from_coco(path, annotations):
-    """A Karpathy split file over real coco-mini val images (images in val2017/): raw sentences and their
-    lower-cased, punctuation-free tokens, the first three images in "train", the rest in "test"."""
-    data = json.loads(annotations.read_text())
-    captions: dict[int, list[str]] = {}
-    for annotation in data["annotations"]:
-        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    images = []
-    for position, image in enumerate(sorted(data["images"], key=lambda image: image["id"])[:6]):
-        sentences = [{"raw": raw, "tokens": "".join(c if c.isalnum() or c.isspace() else " " for c in raw.lower())
-                      .split()} for raw in captions[image["id"]]]
-        images.append({"filepath": "val2017", "filename": image["file_name"], "cocoid": image["id"],
-                       "split": "train" if position < 3 else "test", "sentences": sentences})
-    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
-    return images
+SPLIT_OF = ("train", "restval", "train", "test", "test", "val")  # of the six images, in id order
 
 
-def test_every_entry_point_reads_the_same_files_alike(tmp_path):
-    from smallcap.data import image_id_key
-    from smallcap.evaluation import load_references
-    from smallcap.data import dataset_images
-    from smallcap.training_data import read_training_samples
+def _truth():
+    """Six real coco-mini val images: id, file name, split, raw captions (with COCO's stray whitespace) and
+    Karpathy-style tokens (lower case, punctuation dropped)."""
+    data = json.loads((COCO_MINI / "annotations" / "captions_val2017.json").read_text())
+    chosen = sorted(data["images"], key=lambda image: image["id"])[:6]
+    truth = []
+    for image, split in zip(chosen, SPLIT_OF):
+        raws = [a["caption"] for a in data["annotations"] if a["image_id"] == image["id"]]
+        tokens = ["".join(c if c.isalnum() or c.isspace() else " " for c in raw.lower()).split() for raw in raws]
+        truth.append({"id": image["id"], "file": image["file_name"], "split": split, "raws": raws, "tokens": tokens})
+    return truth
 
-    annotations = COCO_MINI / "annotations" / "captions_val2017.json"
-    karpathy = tmp_path / "dataset_coco.json"
-    images = _karpathy_from_coco(karpathy, annotations)
-    by_id = {image_id_key(image["cocoid"]): image for image in images}
-    test_ids = [image_id_key(image["cocoid"]) for image in images if image["split"] == "test"]
 
-    # Image ids and files: the same under the one string rule, whichever module reads the file.
-    records = list(read_captions(karpathy))
-    training = read_training_samples(karpathy, images=COCO_MINI)
-    references = load_references(karpathy, split="test")
-    predicted = dataset_images(karpathy, "test", images_dir=COCO_MINI)
-    assert [image_id_key(i) for i, _ in predicted] == test_ids == [image_id_key(i) for i in references.captions]
-    assert {image_id_key(s.image_id) for s in training} == set(by_id) - set(test_ids)
-    assert {image_id_key(r.image_id) for r in records} == set(by_id)
-    for sample in training:
-        assert sample.image_path == COCO_MINI / "val2017" / by_id[sample.image_id]["filename"]
-    for image_id, path in predicted:
-        assert path == COCO_MINI / "val2017" / by_id[image_id_key(image_id)]["filename"]
+def _write_inputs(root, truth):
+    """The same captions as a Karpathy split file, COCO annotations (in `annotations/`, images in the sibling
+    `val2017/`), MSR-VTT annotations (media `video<id>.jpg`), a JSONL table (ids from the image file's stem,
+    000000397133.jpg -> 397133) and a CSV table (an image_id column)."""
+    (root / "annotations").mkdir()
+    (root / "val2017").symlink_to(COCO_MINI / "val2017")
+    (root / "videos").mkdir()
+    files = {"karpathy": root / "dataset_coco.json", "coco": root / "annotations" / "captions_val2017.json",
+             "msrvtt": root / "videodatainfo.json", "jsonl": root / "captions.jsonl", "csv": root / "captions.csv"}
+    files["karpathy"].write_text(json.dumps({"dataset": "coco", "images": [
+        {"filepath": "val2017", "filename": t["file"], "cocoid": t["id"], "split": t["split"],
+         "sentences": [{"raw": raw, "tokens": tokens} for raw, tokens in zip(t["raws"], t["tokens"])]}
+        for t in truth]}))
+    files["coco"].write_text(json.dumps({
+        "images": [{"id": t["id"], "file_name": t["file"]} for t in truth],
+        "annotations": [{"image_id": t["id"], "id": n, "caption": raw} for t in truth for n, raw in enumerate(t["raws"])]}))
+    files["msrvtt"].write_text(json.dumps({
+        "videos": [{"video_id": f"video{t['id']}", "split": t["split"]} for t in truth],
+        "sentences": [{"video_id": f"video{t['id']}", "caption": raw} for t in truth for raw in t["raws"]]}))
+    for t in truth:
+        (root / "videos" / f"video{t['id']}.jpg").symlink_to(COCO_MINI / "val2017" / t["file"])
+    files["jsonl"].write_text("".join(json.dumps({"image": f"val2017/{t['file']}", "caption": raw, "split": t["split"]})
+                                      + "\n" for t in truth for raw in t["raws"]))
+    with open(files["csv"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "caption", "image", "split"])
+        writer.writerows([f"{t['id']:012d}", raw, f"val2017/{t['file']}", t["split"]] for t in truth for raw in t["raws"])
+    return files
 
-    # Text, per use: training targets are Karpathy's tokens joined by spaces (as the reference trains),
-    # evaluation scores against the raw references, the caption reader gives the raw text whitespace-cleaned.
-    for sample in training:
-        assert sample.caption in {" ".join(s["tokens"]) for s in by_id[sample.image_id]["sentences"]}
-    for image_id, refs in references.captions.items():
-        assert refs == [s["raw"] for s in by_id[image_id_key(image_id)]["sentences"]]
+
+@pytest.mark.parametrize("kind", ["karpathy", "coco", "msrvtt", "jsonl", "csv"])
+def test_every_entry_point_reads_the_same_files_alike(tmp_path, kind):
+    """Training samples, predict's images, evaluation's references and the datastore build's captions, read from
+    the same file: the same ids under the one string rule (`image_id_key`), and the text each use documents
+    (smallcap.data): training = Karpathy's tokens joined by spaces, else the raw caption whitespace-collapsed;
+    evaluation and the datastore (by default) = raw, whitespace-collapsed."""
+    truth = _truth()
+    path = _write_inputs(tmp_path, truth)[kind]
+    key = (lambda t: f"video{t['id']}") if kind == "msrvtt" else (lambda t: image_id_key(t["id"]))
+    has_splits = kind != "coco"
+    in_split = lambda *splits: [t for t in truth if not has_splits or t["split"] in splits]  # noqa: E731
+    raw = {key(t): [clean_caption(r) for r in t["raws"]] for t in truth}
+    tokens = {key(t): [" ".join(tok) for tok in t["tokens"]] for t in truth}
+
+    # Datastore build: train + restval, raw text by default, the reference's tokens on request.
+    records, info = read_datastore_captions([path])
+    assert info[0]["records"] == len(records)
+    assert _by_id(records) == {key(t): raw[key(t)] for t in in_split("train", "restval")}
+    wanted_tokens = tokens if kind == "karpathy" else raw
+    assert _by_id(read_datastore_captions([path], text="tokens")[0]) == {key(t): wanted_tokens[key(t)]
+                                                                         for t in in_split("train", "restval")}
+
+    # Predict: the images of the test split (all of a COCO file), found under the default image root.
+    images_dir = tmp_path / "videos" if kind == "msrvtt" else None
+    predicted = dataset_images(path, "test" if has_splits else None, images_dir=images_dir)
+    expected = in_split("test")
+    assert [image_id_key(i) for i, _ in predicted] == [key(t) for t in expected]
+    for (_, file), t in zip(predicted, expected):
+        assert file.resolve() == (COCO_MINI / "val2017" / t["file"]).resolve()
+
+    # Evaluation: the raw references of the test split (reference files only).
+    if kind in ("karpathy", "coco", "msrvtt"):
+        references = load_references(path, "test" if has_splits else None)
+        assert {image_id_key(i): refs for i, refs in references.captions.items()} == \
+            {key(t): raw[key(t)] for t in expected}
+    else:
+        with pytest.raises(SmallCapError, match="not valid JSON"):
+            load_references(path)
+
+    # Training: train + restval (a COCO file: all of it, as split "val"), Karpathy's tokens, image files found.
+    if kind == "msrvtt":
+        with pytest.raises(SmallCapError, match="msrvtt captions cannot be trained on"):
+            read_training_samples(path)
+        return
+    samples = read_training_samples(path, split=None if has_splits else "val")
+    train_text = tokens if kind == "karpathy" else raw
+    expected = in_split("train", "restval")
+    by_id: dict[str, list[str]] = {}
+    for sample in samples:
+        by_id.setdefault(sample.image_id, []).append(sample.caption)
+    assert by_id == {key(t): train_text[key(t)] for t in expected}
+    files = {key(t): t["file"] for t in truth}
+    assert all(s.image_path.resolve() == (COCO_MINI / "val2017" / files[s.image_id]).resolve() for s in samples)
+
+
+def _by_id(records) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
     for record in records:
-        assert record.caption in {clean_caption(s["raw"]) for s in by_id[image_id_key(record.image_id)]["sentences"]}
-    tokens = [r.caption for r in read_captions(karpathy, text="tokens", splits=["train"])]
-    assert tokens == [s.caption for s in training] != [r.caption for r in records if r.split == "train"]
+        grouped.setdefault(image_id_key(record.image_id), []).append(record.caption)
+    return grouped
 
-    # COCO annotations: ids agree the same way (training takes the whole file, named "val").
-    coco_ids = {image_id_key(r.image_id) for r in read_captions(annotations)}
-    assert {s.image_id for s in read_training_samples(annotations, COCO_MINI / "val2017", split="val")} == coco_ids
-    assert {image_id_key(i) for i in load_references(annotations).captions} >= coco_ids
-    assert {image_id_key(i) for i, _ in dataset_images(annotations, images_dir=COCO_MINI / "val2017")} == coco_ids
-    # A file stem with leading zeros is the COCO id it spells.
-    assert image_id_key("000000000139") == "139" == image_id_key(139)
+
+def test_image_id_rule():
+    assert image_id_key("000000000139") == "139" == image_id_key(139)  # a file stem is the COCO id it spells
+    assert image_id_key("video7010") == "video7010"
+    with pytest.raises(SmallCapError, match="image id 3.5 is not an int or a string"):
+        image_id_key(3.5)
+
+
+def test_training_table_rows_must_name_their_image(tmp_path):
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"caption": "a cat", "image_id": 1}\n{"caption": "a dog"}\n')
+    with pytest.raises(SmallCapError, match=r"captions.jsonl:2: no 'image_id' field and no image file"):
+        read_training_samples(path)
+    path.write_text('{"caption": "a cat", "image_id": 1}\n{"caption": "  ", "image_id": 2}\n')
+    with pytest.raises(SmallCapError, match=r"captions.jsonl:2: empty 'caption'; expected one JSON object per line"):
+        read_training_samples(path)
+    text = tmp_path / "captions.txt"
+    text.write_text("a cat\n")
+    with pytest.raises(SmallCapError, match="text captions cannot be trained on"):
+        read_training_samples(text)

@@ -317,7 +317,7 @@ def bad_build_cases(tmp_path: Path):
         "empty input": ([empty], {}, "no captions to index in .*empty.txt: 0 read"),
         "all too long": ([longs], {}, r"1 too long, 0 duplicate, 0 kept"),
         "missing input": ([tmp_path / "nope.txt"], {}, "caption file .*nope.txt does not exist"),
-        "corrupt input": ([broken], {}, r"broken.json:1: not valid JSON"),
+        "corrupt input": ([broken], {}, r"caption file .*broken.json is not valid JSON: .* at line 1"),
         "no inputs": ([], {}, "no input caption files given"),
         "missing encoder": ([COCO_TRAIN_MINI], {"encoder": str(tmp_path / "no-such-clip")},
                             "retrieval encoder directory .*no-such-clip.* does not exist"),
@@ -369,7 +369,7 @@ def test_bad_import_errors_and_leaves_nothing(tmp_path, encoder):
     cases = [
         ("index", "two.json", "index has 3 rows but .*two.json has 2 captions"),
         ("index", "gaps.json", "row ids are not 0..2 without gaps"),
-        ("index", "corrupt.json", "corrupt.json:1: not valid JSON"),
+        ("index", "corrupt.json", "corrupt.json is not valid JSON: .* at line 1 column .*; expected a JSON list"),
         ("index", "missing.json", "caption file .*missing.json does not exist"),
         ("missing_index", "two.json", "index file .*missing_index does not exist"),
         ("garbage_index", "two.json", "garbage_index is not a readable faiss index"),

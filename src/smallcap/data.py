@@ -1,4 +1,5 @@
-"""Caption-file readers: every supported format becomes a stream of `CaptionRecord`s.
+"""Caption-file readers: every supported format becomes a stream of `CaptionRecord`s. The one reader of
+annotation files: training, the datastore build, predict and evaluation all read through this module.
 
 Formats (auto-detected from the extension, and for `.json` from the content; `format=` overrides):
 
@@ -9,17 +10,27 @@ Formats (auto-detected from the extension, and for `.json` from the content; `fo
   `imgid`; the split of each image is kept (datastores use train + restval).
 - `msrvtt`: MSR-VTT `{"videos": [{"video_id", "split"}], "sentences": [{"video_id", "caption"}]}`.
 - `jsonl`: one JSON object per line with a caption field (`column`); id = `id_column`, else an `image_id`
-  field, else the line number.
-- `csv`: a header row, then one caption per row (`.tsv`: tab-separated); ids as for jsonl.
+  field, else the stem of the row's image file, else the line number.
+- `csv`: a header row, then one caption per row (`.tsv`: tab-separated); ids as for jsonl (row position).
 - `parquet`: a table with a caption column (needs pyarrow: `pip install smallcap[parquet]`); ids as jsonl.
 
 Table-like formats (json objects, jsonl, csv, parquet) also pick up an image file from the first of
 `IMAGE_COLUMNS` present (or `image_column`) and a split from a `split` column, so training code can read
-(image, caption, split) triples from them. Captions have their whitespace collapsed to single spaces
-(COCO has captions ending in newlines, which would break the prompt's "\\n\\n"-separated layout).
+(image, caption, split) triples from them.
 
-Image ids follow one rule everywhere (`parse_image_id`, `image_id_key`), and `dataset_images` finds the image
-or video file of each id, for predict, training retrieval and the Ray jobs.
+Text rules (`TEXT_RULES`, the `text=` option), one per use:
+
+- "raw" (the default): the caption as written with its whitespace collapsed to single spaces (COCO has captions
+  ending in newlines, which would break the prompt's "\\n\\n"-separated layout). Evaluation references are
+  always raw (`smallcap.evaluation.load_references`), as pycocoevalcap scores them; the datastore build uses
+  raw unless told `text="tokens"` (`smallcap datastore build --text tokens`).
+- "tokens": for Karpathy files, each sentence's `tokens` joined by one space (lower case, no punctuation), as
+  the reference builds its training targets and its datastore; training (`smallcap.training_data`) reads
+  Karpathy files this way. Other formats have no tokens and read as raw.
+
+Image ids follow one rule everywhere (`parse_image_id`, `image_id_key`: ids compare as strings, a digit string
+is the int it spells), and `dataset_images` finds the image or video file of each id, for predict, training
+retrieval and the Ray jobs.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -41,16 +53,20 @@ IMAGE_COLUMNS = ("image", "image_file", "file_name", "filename", "image_path")
 # Which text of a caption a use reads. The reference builds both its training targets and its datastore from
 # Karpathy's tokens; evaluation always scores against the raw references.
 TEXT_RULES = {"raw": "the caption as written, whitespace collapsed (evaluation references, other formats)",
-              "tokens": "Karpathy files: the sentence's tokens joined by spaces (training targets)"}
+              "tokens": "Karpathy files: the sentence's tokens joined by spaces (training targets, the reference's "
+                        "datastore)"}
 # Karpathy's "restval" images are COCO val2014 images that the split moves into training.
 DATASTORE_SPLITS = ("train", "restval")
 
 EXPECTED = {
     "text": "UTF-8 text with one caption per line",
     "json": "a JSON list of caption strings (or of objects with a {column!r} field)",
-    "coco": 'COCO caption annotations {{"images": [...], "annotations": [{{"image_id": ..., "caption": ...}}]}}',
-    "karpathy": 'a Karpathy split file {{"images": [{{"cocoid" or "imgid", "split", "sentences": [{{"raw": ...}}]}}]}}',
-    "msrvtt": 'MSR-VTT annotations {{"videos": [{{"video_id", "split"}}], "sentences": [{{"video_id", "caption"}}]}}',
+    "coco": 'COCO caption annotations {{"images": [{{"id": ...}}], '
+            '"annotations": [{{"image_id": ..., "caption": "..."}}]}}',
+    "karpathy": 'a Karpathy split file {{"images": [{{"cocoid" or "imgid": ..., "split": "test", '
+                '"sentences": [{{"raw": "..."}}]}}]}}',
+    "msrvtt": 'MSR-VTT annotations {{"videos": [{{"video_id": ..., "split": "test"}}], '
+              '"sentences": [{{"video_id": ..., "caption": "..."}}]}}',
     "jsonl": "one JSON object per line with a {column!r} field",
     "csv": "a CSV file whose header has a {column!r} column",
     "parquet": "a Parquet table with a {column!r} column",
@@ -103,7 +119,7 @@ def detect_format(path: str | Path) -> str:
 
 def read_captions(path: str | Path, format: str | None = None, column: str = "caption", id_column: str | None = None,
                   image_column: str | None = None, splits: Sequence[str] | None = None,
-                  text: str = "raw") -> Iterator[CaptionRecord]:
+                  text: str = "raw", strict: bool = False) -> Iterator[CaptionRecord]:
     """Yield the caption records of one file.
 
     `text` (see TEXT_RULES): "raw", the caption as written, whitespace-cleaned; "tokens", for Karpathy files
@@ -111,7 +127,9 @@ def read_captions(path: str | Path, format: str | None = None, column: str = "ca
 
     `format`: one of FORMATS, or None to detect it. `column`/`id_column`/`image_column`: field names for
     table-like formats. `splits`: keep only records whose split is one of these (records without a split
-    are always kept); None keeps everything. Raises SmallCapError naming the file (and line) on bad input.
+    are always kept); None keeps everything. `strict`: every table row must name its image (an id field or an
+    image file) and have caption text, as training needs; otherwise the row position stands in for a missing
+    id. Raises SmallCapError naming the file (and line) on bad input.
     """
     path = Path(path)
     if not path.is_file():
@@ -119,16 +137,19 @@ def read_captions(path: str | Path, format: str | None = None, column: str = "ca
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise SmallCapError(f"unknown caption format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    table = _TableOptions(column, id_column, image_column, strict)
     if fmt == "text":
         records = _read_text(path)
     elif fmt == "jsonl":
-        records = _read_jsonl(path, column, id_column, image_column)
+        records = _read_jsonl(path, table)
     elif fmt == "csv":
-        records = _read_csv(path, column, id_column, image_column)
+        records = _read_csv(path, table)
     elif fmt == "parquet":
-        records = _read_parquet(path, column, id_column, image_column)
+        records = _read_parquet(path, table)
     else:
-        records = _read_json_file(path, format, column, id_column, image_column, text)
+        content = load_json(path, "caption", expected_form(format, column) if format else None)
+        records = read_caption_data(content, path, format, column,
+                                    id_column, image_column, text, strict)
     allowed = None if splits is None else set(splits)
     for record in records:
         if allowed is None or record.split is None or record.split in allowed:
@@ -140,9 +161,38 @@ def read_caption_files(paths: Iterable[str | Path], **options: Any) -> list[Capt
     return [record for path in paths for record in read_captions(path, **options)]
 
 
+def load_json(path: str | os.PathLike, what: str = "caption", expected: str | None = None) -> Any:
+    """A JSON file's content (UTF-8, a BOM allowed), or a SmallCapError naming the `what` file and the problem:
+    missing, unreadable, not UTF-8 (byte and offset), not JSON (line and column), and `expected` (what the file
+    should hold, e.g. `expected_form("coco")`) if given."""
+    path = Path(path)
+    expected = f"; expected {expected}" if expected else ""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SmallCapError(f"{what} file {path} does not exist") from None
+    except OSError as error:
+        raise SmallCapError(f"cannot read {what} file {path}: {error.strerror}") from None
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SmallCapError(f"{what} file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                            f"{error.start}); re-save it as UTF-8 JSON{expected}") from None
+    try:
+        return json.loads(content)
+    except json.JSONDecodeError as error:
+        raise SmallCapError(f"{what} file {path} is not valid JSON: {error.msg} at line {error.lineno} "
+                            f"column {error.colno}{expected}") from None
+
+
+def expected_form(fmt: str, column: str = "caption") -> str:
+    """What a file of format `fmt` should look like, for error messages."""
+    return EXPECTED[fmt].format(column=column)
+
+
 def _error(path: Path, fmt: str, problem: str, line: int | None = None, column: str = "caption") -> SmallCapError:
     where = f"{path}:{line}" if line is not None else str(path)
-    return SmallCapError(f"{where}: {problem}; expected {EXPECTED[fmt].format(column=column)}")
+    return SmallCapError(f"{where}: {problem}; expected {expected_form(fmt, column)}")
 
 
 def _read_text(path: Path) -> Iterator[CaptionRecord]:
@@ -158,29 +208,51 @@ def _read_text(path: Path) -> Iterator[CaptionRecord]:
                 yield CaptionRecord(clean_caption(line), number, str(path))
 
 
-def _table_record(path: Path, fmt: str, row: dict, position: int, line: int | None, column: str,
-                  id_column: str | None, image_column: str | None) -> CaptionRecord:
+@dataclass(frozen=True)
+class _TableOptions:
+    """How to read the rows of a table-like format: the caption, id and image fields, and `strict` (see
+    `read_captions`)."""
+
+    column: str = "caption"
+    id_column: str | None = None
+    image_column: str | None = None
+    strict: bool = False
+
+
+def _table_record(path: Path, fmt: str, row: dict, position: int, line: int | None,
+                  table: _TableOptions) -> CaptionRecord:
     """Turn one row of a table-like format into a record, checking the named fields."""
+    column, id_column, image_column = table.column, table.id_column, table.image_column
     caption = row.get(column)
     if not isinstance(caption, str):
         problem = f"no {column!r} field" if caption is None else f"{column!r} is {type(caption).__name__}, not text"
         raise _error(path, fmt, problem + (f" (fields: {', '.join(map(str, row))})" if caption is None else ""),
                      line, column)
-    if id_column is not None:
-        if row.get(id_column) in (None, ""):
-            raise _error(path, fmt, f"no {id_column!r} id field", line, column)
-        image_id = row[id_column]
-    else:
-        image_id = row["image_id"] if row.get("image_id") not in (None, "") else position
+    if table.strict and not caption.strip():
+        raise _error(path, fmt, f"empty {column!r}", line, column)
     image_key = image_column or next((name for name in IMAGE_COLUMNS if row.get(name)), None)
     if image_column is not None and not row.get(image_column):
         raise _error(path, fmt, f"no {image_column!r} image field", line, column)
     image_file = str(row[image_key]) if image_key else None
+    if id_column is not None:
+        if row.get(id_column) in (None, ""):
+            raise _error(path, fmt, f"no {id_column!r} id field", line, column)
+        image_id = row[id_column]
+    elif row.get("image_id") not in (None, ""):
+        image_id = row["image_id"]
+    elif image_file:
+        image_id = Path(image_file).stem
+    elif table.strict:
+        raise _error(path, fmt, f"no 'image_id' field and no image file ({', '.join(IMAGE_COLUMNS)}); each row "
+                     f"must name its image (fields: {', '.join(map(str, row))})", line, column)
+    else:
+        image_id = position
     split = row.get("split") or None
     return CaptionRecord(clean_caption(caption), image_id, str(path), image_file, None if split is None else str(split))
 
 
-def _read_jsonl(path: Path, column: str, id_column: str | None, image_column: str | None) -> Iterator[CaptionRecord]:
+def _read_jsonl(path: Path, table: _TableOptions) -> Iterator[CaptionRecord]:
+    column = table.column
     with open(path, encoding="utf-8", errors="strict") as handle:
         number = 0
         try:
@@ -193,12 +265,13 @@ def _read_jsonl(path: Path, column: str, id_column: str | None, image_column: st
                     raise _error(path, "jsonl", f"not JSON ({error.msg})", number, column) from None
                 if not isinstance(row, dict):
                     raise _error(path, "jsonl", f"a JSON {type(row).__name__}, not an object", number, column)
-                yield _table_record(path, "jsonl", row, number, number, column, id_column, image_column)
+                yield _table_record(path, "jsonl", row, number, number, table)
         except UnicodeDecodeError:
             raise _error(path, "jsonl", "not valid UTF-8", number + 1, column) from None
 
 
-def _read_csv(path: Path, column: str, id_column: str | None, image_column: str | None) -> Iterator[CaptionRecord]:
+def _read_csv(path: Path, table: _TableOptions) -> Iterator[CaptionRecord]:
+    column = table.column
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
@@ -211,68 +284,56 @@ def _read_csv(path: Path, column: str, id_column: str | None, image_column: str 
                 if None in row:  # more cells than header columns
                     raise _error(path, "csv", f"{len(header) + len(row[None])} cells for {len(header)} columns",
                                  reader.line_num, column)
-                yield _table_record(path, "csv", row, position, reader.line_num, column, id_column, image_column)
+                yield _table_record(path, "csv", row, position, reader.line_num, table)
         except UnicodeDecodeError:
             raise _error(path, "csv", "not valid UTF-8", reader.line_num + 1, column) from None
         except csv.Error as error:
             raise _error(path, "csv", f"malformed CSV ({error})", reader.line_num, column) from None
 
 
-def _read_parquet(path: Path, column: str, id_column: str | None, image_column: str | None) -> Iterator[CaptionRecord]:
+def _read_parquet(path: Path, table: _TableOptions) -> Iterator[CaptionRecord]:
+    column, id_column, image_column = table.column, table.id_column, table.image_column
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise SmallCapError(f"reading {path} needs pyarrow: pip install 'smallcap[parquet]'") from None
     try:
-        table = pq.read_table(path)
+        content = pq.read_table(path)
     except Exception as error:  # pyarrow raises its own ArrowInvalid/OSError family
         raise _error(path, "parquet", f"not readable as Parquet ({error})", column=column) from None
-    if column not in table.column_names:
-        raise _error(path, "parquet", f"no {column!r} column (columns: {', '.join(table.column_names)})",
+    if column not in content.column_names:
+        raise _error(path, "parquet", f"no {column!r} column (columns: {', '.join(content.column_names)})",
                      column=column)
     wanted = [name for name in (column, id_column, image_column, "image_id", "split", *IMAGE_COLUMNS)
-              if name and name in table.column_names]
-    for position, row in enumerate(table.select(list(dict.fromkeys(wanted))).to_pylist()):
+              if name and name in content.column_names]
+    for position, row in enumerate(content.select(list(dict.fromkeys(wanted))).to_pylist()):
         try:
-            yield _table_record(path, "parquet", row, position, None, column, id_column, image_column)
+            yield _table_record(path, "parquet", row, position, None, table)
         except SmallCapError as error:
             raise SmallCapError(f"{error} (row {position})") from None
 
 
-def _read_json_file(path: Path, format: str | None, column: str, id_column: str | None,
-                    image_column: str | None, text: str = "raw") -> Iterator[CaptionRecord]:
-    """Load a JSON document once, work out which JSON format it is (unless given), and read it."""
-    fmt = format or "json"
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise _error(path, fmt, f"not valid JSON ({error.msg}, column {error.colno})", error.lineno, column) from None
-    except UnicodeDecodeError:
-        raise _error(path, fmt, "not valid UTF-8", column=column) from None
-    return read_caption_data(data, path, format, column, id_column, image_column, text)
-
-
 def read_caption_data(data: Any, source: str | Path, format: str | None = None, column: str = "caption",
                       id_column: str | None = None, image_column: str | None = None,
-                      text: str = "raw") -> Iterator[CaptionRecord]:
+                      text: str = "raw", strict: bool = False) -> Iterator[CaptionRecord]:
     """The caption records of an already-loaded JSON document (`source` names it in records and errors).
 
-    `format`: json, coco, karpathy or msrvtt, or None to recognise it from the content; `text` as for
-    `read_captions`.
+    `format`: json, coco, karpathy or msrvtt, or None to recognise it from the content (`json_format`);
+    `text` and `strict` as for `read_captions`.
     """
     if text not in TEXT_RULES:
         raise ValueError(f"unknown text rule {text!r}; expected one of {', '.join(TEXT_RULES)}")
     path = Path(source)
-    fmt = format or _json_kind(data)
+    fmt = format or json_format(data)
     if fmt == "json":
-        return _read_json_list(path, data, column, id_column, image_column)
+        return _read_json_list(path, data, _TableOptions(column, id_column, image_column, strict))
     if fmt == "karpathy":
         return _read_karpathy(path, data, text)
     return {"coco": _read_coco, "msrvtt": _read_msrvtt}[fmt](path, data)
 
 
-def _json_kind(data: Any) -> str:
+def json_format(data: Any) -> str:
+    """Which JSON caption format a loaded document is: "msrvtt", "coco", "karpathy", else "json"."""
     if isinstance(data, dict):
         images = data.get("images")
         if "videos" in data and "sentences" in data:
@@ -284,16 +345,16 @@ def _json_kind(data: Any) -> str:
     return "json"
 
 
-def _read_json_list(path: Path, data: Any, column: str, id_column: str | None,
-                    image_column: str | None) -> Iterator[CaptionRecord]:
+def _read_json_list(path: Path, data: Any, table: _TableOptions) -> Iterator[CaptionRecord]:
+    column = table.column
     if not isinstance(data, list):
         raise _error(path, "json", f"a JSON {type(data).__name__} of an unknown layout", column=column)
     for position, item in enumerate(data):
-        if isinstance(item, str):
+        if isinstance(item, str) and not table.strict:
             yield CaptionRecord(clean_caption(item), position, str(path))
         elif isinstance(item, dict):
             try:
-                yield _table_record(path, "json", item, position, None, column, id_column, image_column)
+                yield _table_record(path, "json", item, position, None, table)
             except SmallCapError as error:
                 raise SmallCapError(f"{error} (item {position})") from None
         else:
@@ -312,13 +373,28 @@ def _require_lists(path: Path, fmt: str, data: Any, keys: Sequence[str]) -> None
             raise _error(path, fmt, f"no {key!r} list at the top level")
 
 
+def coco_images(data: dict, source: str | Path) -> dict[ImageId, dict]:
+    """The entries of COCO annotations' `images` list by image id (`parse_image_id`), in file order; each needs
+    an "id". (Evaluation reads their nocaps-style "domain" and lists images that have no caption.)"""
+    images: dict[ImageId, dict] = {}
+    for position, image in enumerate(data.get("images") or []):
+        if not isinstance(image, dict) or "id" not in image:
+            raise _error(Path(source), "coco", f'images[{position}] has no "id"')
+        images[parse_image_id(image["id"], f"{source}: images[{position}]")] = image
+    return images
+
+
 def _read_coco(path: Path, data: dict) -> Iterator[CaptionRecord]:
     _require_lists(path, "coco", data, ("annotations",))
-    files = {image.get("id"): image.get("file_name") for image in data.get("images") or [] if isinstance(image, dict)}
+    images = coco_images(data, path)
     for position, annotation in enumerate(data["annotations"]):
-        _require(path, "coco", annotation, ("image_id", "caption"), f"annotation {position}")
+        if not isinstance(annotation, dict) or "image_id" not in annotation \
+                or not isinstance(annotation.get("caption"), str):
+            hint = " (object annotations, not captions?)" if isinstance(annotation, dict) and "bbox" in annotation else ""
+            raise _error(path, "coco", f'annotations[{position}] is not {{"image_id", "caption": str}}{hint}')
         image_id = annotation["image_id"]
-        yield CaptionRecord(clean_caption(str(annotation["caption"])), image_id, str(path), files.get(image_id))
+        image = images.get(parse_image_id(image_id, f"{path}: annotations[{position}]"), {})
+        yield CaptionRecord(clean_caption(annotation["caption"]), image_id, str(path), image.get("file_name"))
 
 
 def _read_karpathy(path: Path, data: dict, text: str = "raw") -> Iterator[CaptionRecord]:
@@ -349,17 +425,27 @@ def _read_msrvtt(path: Path, data: dict) -> Iterator[CaptionRecord]:
         yield CaptionRecord(clean_caption(sentence["caption"]), video_id, str(path), None, splits.get(video_id))
 
 
+def default_image_root(path: str | os.PathLike) -> Path:
+    """Where the image files of a caption file are by default: for COCO's `annotations/captions_<name>.json`,
+    the sibling folder `<name>/` (e.g. `val2017/`) if it exists, else the caption file's own folder."""
+    path = Path(path)
+    match = re.match(r"captions_(\w+)\.json$", path.name)
+    if match and path.parent.name == "annotations" and (path.parent.parent / match.group(1)).is_dir():
+        return path.parent.parent / match.group(1)
+    return path.parent
+
+
 def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir: str | os.PathLike | None = None,
                    format: str | None = None) -> list[tuple[ImageId, Path]]:
     """The (image id, file) pairs to caption: a folder of images/videos (id = file stem, as an int when it is
     digits), or the images of `split` in a caption file (Karpathy, COCO, JSONL/CSV with an image column,
-    MSR-VTT), found under `images_dir` (default: the file's folder)."""
+    MSR-VTT), found under `images_dir` (default: `default_image_root`)."""
     data = Path(data)
     if data.is_dir():
         return [(parse_image_id(path.stem), path) for path in expand_inputs([data])]
     if not data.exists():
         raise SmallCapError(f"{data}: no such file or directory")
-    root = Path(images_dir) if images_dir is not None else data.parent
+    root = Path(images_dir) if images_dir is not None else default_image_root(data)
     pairs: dict[ImageId, Path] = {}
     for record in read_captions(data, format=format, splits=None if split is None else [split]):
         if record.image_id in pairs or (split is not None and record.split not in (None, split)):

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from smallcap.captioner import Captioner
 from smallcap.errors import SmallCapError
+from smallcap.hub import BUNDLE_DIR, BUNDLED_SAMPLES
+from smallcap.retrieval.retriever import DatastoreRetriever
 
 DEMO_MODEL = "mini"
 DEMO_DATASTORES = ("mini-source", "mini-target")
@@ -40,8 +43,6 @@ class DemoRow:
 
 def sample_images() -> list[Path]:
     """The bundled sample images (both miniworld domains), in name order."""
-    from smallcap.hub import BUNDLED_SAMPLES
-
     images = sorted(BUNDLED_SAMPLES.glob("*.png"))
     if not images:
         raise SmallCapError(f"no bundled sample images in {BUNDLED_SAMPLES}; rebuild them with "
@@ -52,7 +53,6 @@ def sample_images() -> list[Path]:
 def sample_references() -> dict[str, str]:
     """A reference caption of each bundled sample image, by file name (from the bundle's `bundle.json`)."""
 
-    from smallcap.hub import BUNDLE_DIR
 
     try:
         samples = json.loads((BUNDLE_DIR / "bundle.json").read_text(encoding="utf-8"))["samples"]
@@ -64,9 +64,6 @@ def sample_references() -> dict[str, str]:
 def compare_datastores(images: Sequence[str | os.PathLike], model: str = DEMO_MODEL,
                        datastores: Sequence[str] = DEMO_DATASTORES, device: str = "cpu") -> list[DemoRow]:
     """Caption `images` with `model` once per datastore (each a directory or bundled short name)."""
-    from smallcap.captioner import Captioner
-    from smallcap.retrieval.retriever import DatastoreRetriever
-
     captioner = Captioner.from_pretrained(model, device=device, use_retrieval=True)
     rows = [DemoRow(str(image), []) for image in images]
     for datastore in datastores:

@@ -4,7 +4,7 @@ and on request CLIPScore / RefCLIPScore (`smallcap.clipscore`), which also look 
 `evaluate(references, predictions)` gives the numbers pycocoevalcap's `COCOEvalCap` gives on the same
 inputs, x100, restricted to the predicted images; nocaps-style references (a `domain` on each image) are
 scored per domain as well. References are COCO caption annotations, Karpathy split files or MSR-VTT
-annotations. Every metric is one function in `SCORERS` taking a `Batch`.
+annotations, read by `smallcap.data` (raw text). Every metric is one function in `SCORERS` taking a `Batch`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from smallcap.data import parse_image_id
+from smallcap.data import coco_images, expected_form, json_format, load_json, parse_image_id, read_caption_data
 from smallcap.errors import SmallCapError, require_extra
+from smallcap.io import is_parquet, read_parquet_rows
 
 ImageId = int | str
 # Each metric and the scores it reports, in table order.
@@ -36,12 +37,7 @@ JAVA_HINT = "Java 8+ (e.g. `apt-get install default-jre-headless`)"
 # so one of these inside a caption shifts every later caption onto the wrong image, silently.
 _LINE_BREAKS = {ord(c): " " for c in "\n\r\x0b\x0c\u2028\u2029"}
 
-COCO_FORM = ('COCO caption annotations {"images": [{"id": ...}], '
-             '"annotations": [{"image_id": ..., "caption": "..."}]}')
-KARPATHY_FORM = ('a Karpathy split file {"images": [{"cocoid" or "imgid": ..., "split": "test", '
-                 '"sentences": [{"raw": "..."}]}]}')
-MSRVTT_FORM = ('MSR-VTT annotations {"videos": [{"video_id": ..., "split": "test"}], '
-               '"sentences": [{"video_id": ..., "caption": "..."}]}')
+REFERENCE_FORMATS = ("coco", "karpathy", "msrvtt")  # the smallcap.data formats that hold references
 PREDICTIONS_FORM = 'a JSON list of {"image_id": int or str, "caption": str}'
 
 
@@ -59,26 +55,6 @@ class References:
     files: dict[ImageId, str] = field(default_factory=dict)
 
 
-def _read_json(path: str | os.PathLike, what: str) -> Any:
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SmallCapError(f"{what} file {path} does not exist") from None
-    except OSError as error:
-        raise SmallCapError(f"cannot read {what} file {path}: {error.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise SmallCapError(f"{what} file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
-                            f"{error.start}); re-save it as UTF-8 JSON") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SmallCapError(f"{what} file {path} is not valid JSON: {error.msg} at line {error.lineno} "
-                            f"column {error.colno}") from None
-
-
 def _describe(data: Any) -> str:
     if isinstance(data, dict):
         return "a JSON object with keys " + ", ".join(map(repr, list(data)[:8]))
@@ -88,100 +64,51 @@ def _describe(data: Any) -> str:
 
 def load_references(source: str | os.PathLike | dict | References, split: str | None = None) -> References:
     """Read COCO-format caption annotations, a Karpathy split file or MSR-VTT annotations (only the images or
-    videos of `split`, if given)."""
+    videos of `split`, if given), through `smallcap.data` with its "raw" text rule: the references as written,
+    whitespace collapsed (pycocoevalcap's tokenizer splits on whitespace, so the scores are unchanged)."""
     if isinstance(source, References):
         return source
     name = "references" if isinstance(source, dict) else str(source)
-    data = source if isinstance(source, dict) else _read_json(source, "references")
-    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        if split is not None:
-            raise SmallCapError(f"{name}: --split applies to Karpathy and MSR-VTT files; this is COCO-format "
-                                "annotations, whose images are all used")
-        return _read_coco(data, name)
-    if isinstance(data, dict) and isinstance(data.get("videos"), list) and isinstance(data.get("sentences"), list):
-        return _read_msrvtt(data, split, name)
-    images = data.get("images") if isinstance(data, dict) else None
-    if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
-        return _read_karpathy(images, split, name)
-    hint = ""
-    if isinstance(data, list) and data and isinstance(data[0], dict) and "image_id" in data[0]:
-        hint = " (this looks like a predictions file; are --references and --predictions swapped?)"
-    raise SmallCapError(f"{name} is not a references file: expected {COCO_FORM}, {KARPATHY_FORM} or {MSRVTT_FORM}; "
-                        f"got {_describe(data)}{hint}")
-
-
-def _read_coco(data: dict, name: str) -> References:
+    data = source if isinstance(source, dict) else load_json(source, "references")
+    fmt = json_format(data)
+    if fmt not in REFERENCE_FORMATS:
+        hint = ""
+        if isinstance(data, list) and data and isinstance(data[0], dict) and "image_id" in data[0]:
+            hint = " (this looks like a predictions file; are --references and --predictions swapped?)"
+        raise SmallCapError(f"{name} is not a references file: expected {expected_form('coco')}, "
+                            f"{expected_form('karpathy')} or {expected_form('msrvtt')}; got {_describe(data)}{hint}")
+    if fmt == "coco" and split is not None:
+        raise SmallCapError(f"{name}: --split applies to Karpathy and MSR-VTT files; this is COCO-format "
+                            "annotations, whose images are all used")
     captions: dict[ImageId, list[str]] = {}
     domains: dict[ImageId, str] = {}
     files: dict[ImageId, str] = {}
-    for index, image in enumerate(data.get("images") or []):
-        if not isinstance(image, dict) or "id" not in image:
-            raise SmallCapError(f"{name}: images[{index}] has no \"id\"; expected {COCO_FORM}")
-        image_id = parse_image_id(image["id"], f"{name}: images[{index}]")
-        captions[image_id] = []
-        if image.get("domain"):
-            domains[image_id] = str(image["domain"])
-        if isinstance(image.get("file_name"), str):
-            files[image_id] = image["file_name"]
-    for index, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            kind = " (object annotations, not captions?)" if isinstance(ann, dict) and "bbox" in ann else ""
-            raise SmallCapError(f"{name}: annotations[{index}] is not {{\"image_id\", \"caption\": str}}{kind}; "
-                                f"expected {COCO_FORM}")
-        captions.setdefault(parse_image_id(ann["image_id"], f"{name}: annotations[{index}]"), []).append(ann["caption"])
-    return References(captions, domains, name, files)
-
-
-def _read_karpathy(images: list, split: str | None, name: str) -> References:
-    captions: dict[ImageId, list[str]] = {}
-    files: dict[ImageId, str] = {}
-    for index, image in enumerate(images):
-        raw_id = image.get("cocoid", image.get("imgid")) if isinstance(image, dict) else None
-        if raw_id is None or not isinstance(image.get("sentences"), list):
-            raise SmallCapError(f"{name}: images[{index}] has no \"cocoid\"/\"imgid\" or no \"sentences\" list; "
-                                f"expected {KARPATHY_FORM}")
-        if split is not None and image.get("split") != split:
+    if fmt == "coco":  # every listed image, in file order, with its nocaps-style domain
+        for image_id, image in coco_images(data, name).items():
+            captions[image_id] = []
+            if image.get("domain"):
+                domains[image_id] = str(image["domain"])
+    splits = set()
+    for record in read_caption_data(data, name, fmt, text="raw"):
+        splits.add(str(record.split))
+        if split is not None and record.split != split:
             continue
-        sentences = [s.get("raw") if isinstance(s.get("raw"), str) else " ".join(s.get("tokens", []))
-                     for s in image["sentences"] if isinstance(s, dict)]
-        image_id = parse_image_id(raw_id, f"{name}: images[{index}]")
-        captions[image_id] = sentences
-        if isinstance(image.get("filename"), str):
-            files[image_id] = str(Path(image.get("filepath") or "") / image["filename"])
-    if not captions:
-        splits = sorted({str(image.get("split")) for image in images})
-        raise SmallCapError(f"{name}: no image has split {split!r}; splits in the file: {', '.join(splits)}")
-    return References(captions, {}, name, files)
-
-
-def _read_msrvtt(data: dict, split: str | None, name: str) -> References:
-    """MSR-VTT annotations: videos (with their split) in file order, their sentences as references."""
-    from smallcap.data import read_caption_data
-
-    wanted: dict[ImageId, list[str]] = {}
-    for index, video in enumerate(data["videos"]):
-        if not isinstance(video, dict) or "video_id" not in video:
-            raise SmallCapError(f"{name}: videos[{index}] has no \"video_id\"; expected {MSRVTT_FORM}")
-        if split is None or video.get("split") == split:
-            wanted[parse_image_id(video["video_id"], f"{name}: videos[{index}]")] = []
-    if not wanted:
-        splits = sorted({str(video.get("split")) for video in data["videos"]})
-        raise SmallCapError(f"{name}: no video has split {split!r}; splits in the file: {', '.join(splits)}")
-    for record in read_caption_data(data, name, format="msrvtt"):
-        video_id = parse_image_id(record.image_id, name)
-        if video_id in wanted:
-            wanted[video_id].append(record.caption)
-    return References(wanted, {}, name)
+        image_id = parse_image_id(record.image_id, name)
+        captions.setdefault(image_id, []).append(record.caption)
+        if record.image_file:
+            files.setdefault(image_id, record.image_file)
+    if not captions and split is not None:
+        kind = "video" if fmt == "msrvtt" else "image"
+        raise SmallCapError(f"{name}: no {kind} has split {split!r}; splits in the file: {', '.join(sorted(splits))}")
+    return References(captions, domains, name, files)
 
 
 def load_predictions(source: str | os.PathLike | Sequence[dict]) -> dict[ImageId, str]:
     """Read `[{"image_id": ..., "caption": str}, ...]` (a JSON file, or a Parquet table with these columns as
     `predict --out X.parquet` writes) into {image_id: caption}; duplicate ids are an error."""
-    from smallcap.io import is_parquet, read_parquet_rows
-
     name = str(source) if isinstance(source, (str, os.PathLike)) else "predictions"
     if isinstance(source, (str, os.PathLike)):
-        data = read_parquet_rows(source) if is_parquet(source) else _read_json(source, "predictions")
+        data = read_parquet_rows(source) if is_parquet(source) else load_json(source, "predictions")
     else:
         data = source
     if not isinstance(data, list):

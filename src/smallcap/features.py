@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -20,9 +19,17 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import AutoConfig, CLIPVisionModel
 
+from smallcap.data import load_json
 from smallcap.errors import SmallCapError
+from smallcap.hub import explain_load_errors, resolve_pretrained
 from smallcap.io import atomic_open, atomic_write_json
+from smallcap.loading import load_image_processor
+from smallcap.modeling import load_smallcap
+from smallcap.training_data import read_training_samples
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -76,11 +83,11 @@ class FeatureCache(Mapping):
         if not manifest_path.exists():
             raise SmallCapError(f"{self.directory} is not a feature cache (no {MANIFEST}); "
                                 "make one with `smallcap features extract`")
-        self.manifest = _read_json(manifest_path)
+        self.manifest = load_json(manifest_path, "feature cache manifest")
         if self.manifest.get("format") != FORMAT_VERSION:
             raise SmallCapError(f"{manifest_path} has cache format {self.manifest.get('format')!r}; "
                                 f"this version reads format {FORMAT_VERSION}")
-        index = _read_json(self.directory / INDEX) if (self.directory / INDEX).exists() else {}
+        index = load_json(self.directory / INDEX, "feature cache index") if (self.directory / INDEX).exists() else {}
         self._rows: dict[str, tuple[int, int]] = {k: (int(s), int(r)) for k, (s, r) in index.get("rows", {}).items()}
         self.skipped: dict[str, str] = dict(index.get("skipped", {}))
         self.num_shards = int(index.get("num_shards", 0))
@@ -122,12 +129,6 @@ class FeatureCache(Mapping):
 
 def load_vision_encoder(name_or_path: str):
     """Load (CLIP vision encoder, image processor) from a SmallCap checkpoint, a CLIP checkpoint or a Hub id."""
-    from transformers import AutoConfig, CLIPVisionModel
-
-    from smallcap.hub import explain_load_errors, resolve_pretrained
-    from smallcap.loading import load_image_processor
-    from smallcap.modeling import load_smallcap
-
     name_or_path = resolve_pretrained(name_or_path, "encoder")
     processor = load_image_processor(name_or_path)
     with explain_load_errors(name_or_path, "encoder"):
@@ -150,8 +151,6 @@ def extract_features(images: Iterable[tuple[str, str | os.PathLike]], encoder, o
     With `fp16` the states are stored as float16 (half the disk) and, on a GPU, computed under fp16 autocast.
     Images that exist but cannot be decoded are skipped and reported; missing files are an error up front.
     """
-    from tqdm.auto import tqdm
-
     name = encoder if isinstance(encoder, str) else None
     if isinstance(encoder, str):
         encoder, loaded_processor = load_vision_encoder(encoder)
@@ -230,8 +229,6 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         image_id, path = self.items[index]
         try:
             with Image.open(path) as image:
@@ -273,21 +270,11 @@ def _shard_name(number: int) -> str:
     return f"shard-{number:05d}.npy"
 
 
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise SmallCapError(f"cannot read {path}: {error}") from error
-
-
 def extract_dataset_features(data: str | os.PathLike, model: str, out_dir: str | os.PathLike,
                              images: str | os.PathLike | None = None, split: str | None = None, fp16: bool = False,
                              batch_size: int = 64, num_workers: int = 0, device: str | None = None,
                              progress: bool = True) -> ExtractionReport:
     """Encode every image of a caption file's split (see `read_training_samples`) into the cache at `out_dir`."""
-    from smallcap.training_data import read_training_samples
-
     samples = read_training_samples(data, images, split)
     no_file = sorted({s.image_id for s in samples if s.image_path is None})
     if no_file:

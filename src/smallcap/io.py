@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
+from smallcap.errors import SmallCapError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -90,8 +92,6 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
 def check_output_file(path: str | os.PathLike, option: str = "output") -> Path:
     """Check before any work that `path` can be written as a file: not a directory, its folder exists (or can be
     created under an existing one) and is writable. Raises SmallCapError naming `option` otherwise."""
-    from smallcap.errors import SmallCapError
-
     path = Path(path)
     if path.is_dir():
         raise SmallCapError(f"{option} {path} is a directory; give a file name (e.g. {path / 'captions.jsonl'})")
@@ -104,8 +104,6 @@ def check_output_file(path: str | os.PathLike, option: str = "output") -> Path:
 def check_output_dir(path: str | os.PathLike, option: str = "output directory") -> Path:
     """Check before any work that `path` can be used as an output directory: not a file, and it or its nearest
     existing parent is a writable directory. Raises SmallCapError naming `option` otherwise."""
-    from smallcap.errors import SmallCapError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SmallCapError(f"{option} {path} is a file, not a directory")
@@ -118,8 +116,6 @@ def check_output_dir(path: str | os.PathLike, option: str = "output directory") 
 
 
 def _check_writable_parent(path: Path, option: str) -> None:
-    from smallcap.errors import SmallCapError
-
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent

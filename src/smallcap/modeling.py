@@ -28,10 +28,11 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.gpt2.modeling_gpt2 import Conv1D, GPT2Attention
 
-from smallcap.decoders import family_of, supported_families
+from smallcap.decoders import CrossAttentionConfig, family_of, supported_families
 from smallcap.decoders.opt import SmallCapOPTConfig, SmallCapOPTDecoder
 from smallcap.decoders.xglm import SmallCapXGLMConfig, SmallCapXGLMDecoder
 from smallcap.errors import SmallCapError
+from smallcap.hub import explain_load_errors, resolve_pretrained
 
 PAD_TOKEN_ID = 0  # "!"
 END_TOKEN_ID = 13  # "."
@@ -44,20 +45,13 @@ _OBSOLETE_BUFFER_SUFFIXES = (
 _OBSOLETE_BUFFER_KEYS = ("encoder.embeddings.position_ids", "decoder.model.embed_positions.weights")
 
 
-class SmallCapDecoderConfig(GPT2Config):
+class SmallCapDecoderConfig(CrossAttentionConfig, GPT2Config):
     """GPT-2 config plus the reduce factor and encoder width of SmallCap's cross-attention.
 
     `model_type` is "this_gpt2", the name reference checkpoints use.
     """
 
     model_type = "this_gpt2"
-    cross_attention_reduce_factor: int = 1
-    encoder_hidden_size: int = 768
-
-    def __post_init__(self, **kwargs):
-        kwargs.setdefault("is_decoder", True)
-        kwargs.setdefault("add_cross_attention", True)
-        super().__post_init__(**kwargs)
 
 
 class ReducedCrossAttention(GPT2Attention):
@@ -165,8 +159,6 @@ class SmallCap(VisionEncoderDecoderModel):
         The family comes from the decoder's config (`model_type`), never from its name. The cross-attention
         layers are new (randomly initialised); everything else is the pretrained weights.
         """
-        from smallcap.hub import explain_load_errors, resolve_pretrained
-
         if cross_attention_reduce_factor not in REDUCE_FACTORS:
             raise SmallCapError(f"reduce factor must be one of {REDUCE_FACTORS}, got {cross_attention_reduce_factor}")
         encoder_name_or_path = resolve_pretrained(encoder_name_or_path, "encoder")
@@ -235,8 +227,6 @@ def load_smallcap(name_or_path: str | os.PathLike, **kwargs) -> SmallCap:
     Reference checkpoints are read with `weights_only=True`; their obsolete buffers are ignored and any other
     missing or unexpected key is an error.
     """
-    from smallcap.hub import explain_load_errors, resolve_pretrained
-
     name = resolve_pretrained(str(name_or_path), "SmallCap model")
     directory = Path(name)
     if directory.is_dir() and not any((directory / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):

@@ -11,7 +11,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, GPT2Tokenizer
+
 from smallcap.decoders import FAMILIES
+from smallcap.hub import bundled_path, explain_load_errors, resolve_pretrained
 from smallcap.modeling import END_TOKEN_ID, PAD_TOKEN_ID
 
 TEMPLATE = "Similar images show\n\n||\n\nThis image shows "
@@ -27,10 +32,6 @@ def load_tokenizer(name_or_path: str, decoder_type: str = "this_gpt2"):
     `decoder_type` is the SmallCap decoder's `model_type` ("this_gpt2", "this_opt", "this_xglm"): it decides
     whether prompts start with "</s>" (see `prompt_ids`).
     """
-    from transformers import AutoTokenizer, GPT2Tokenizer
-
-    from smallcap.hub import bundled_path, explain_load_errors, resolve_pretrained
-
     name_or_path = str(bundled_path(name_or_path) or name_or_path)
     if not Path(name_or_path).expanduser().is_dir():
         name_or_path = resolve_pretrained(name_or_path, "tokenizer")
@@ -54,7 +55,6 @@ def _encode_pad_and_end_as_plain_text(tokenizer) -> None:
     # text before BPE: "a bike.." would encode as [.., 13, 13] instead of the reference's [.., 492]. In SmallCap
     # `!` and `.` are ordinary vocabulary entries that merely serve as pad and end, so unregister them.
 
-    from tokenizers import Tokenizer
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     kept = [token for token in spec.get("added_tokens", []) if token["content"] not in ("!", ".")]
@@ -110,8 +110,6 @@ def collate_training_examples(examples: Sequence[tuple[list[int], list[int]]], p
                               pad_token_id: int = PAD_TOKEN_ID):
     """Stack (input_ids, labels) pairs into right-padded tensors: inputs padded with the family's `!` id
     (`pad_token_id`, GPT-2's by default), labels with -100."""
-    import torch
-
     inputs, labels = zip(*examples)
     return (torch.tensor(pad_right(inputs, pad_token_id, pad_to)),
             torch.tensor(pad_right(labels, IGNORE_INDEX, pad_to)))

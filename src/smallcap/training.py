@@ -19,12 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import logging as transformers_logging
 
 from smallcap.errors import SmallCapError, require_extra
 from smallcap.features import EncoderInfo, FeatureCache, extract_features
+from smallcap.hub import bundled_path, explain_load_errors
 from smallcap.io import atomic_directory, atomic_write_json, atomic_write_text
-from smallcap.modeling import REDUCE_FACTORS
+from smallcap.loading import load_image_processor
+from smallcap.modeling import REDUCE_FACTORS, SmallCap, load_smallcap
+from smallcap.prompt import load_tokenizer
 from smallcap.retrieval.datastore import load_retrieved
 from smallcap.training_data import (CaptionDataset, TrainingSample, check_retrieved, collate_batch,
                                     read_training_samples)
@@ -135,7 +141,6 @@ def train(config: TrainingConfig) -> Path:
 
 def _train(config: TrainingConfig, accelerator) -> Path:
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
 
     output_dir = Path(config.output_dir)
     resume_dir, state = _resume_point(config, output_dir)
@@ -190,7 +195,6 @@ def _train(config: TrainingConfig, accelerator) -> Path:
               f"{accelerator.num_processes} process(es), {sum(p.numel() for p in trainable):,} trainable parameters"
               + (f"; resuming from {resume_dir} at step {global_step}" if resume_dir else ""), file=sys.stderr)
 
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=global_step, desc="training", unit="step", file=sys.stderr,
                disable=not (config.progress and accelerator.is_main_process))
@@ -240,13 +244,6 @@ def _train(config: TrainingConfig, accelerator) -> Path:
 
 def _load_model(config: TrainingConfig, resume_dir: Path | None):
     """(model, tokenizer, tokenizer as shipped, image processor): new from encoder + decoder, or a checkpoint's."""
-    from transformers import AutoTokenizer
-
-    from smallcap.hub import bundled_path, explain_load_errors
-    from smallcap.loading import load_image_processor
-    from smallcap.modeling import SmallCap, load_smallcap
-    from smallcap.prompt import load_tokenizer
-
     if resume_dir:
         model = load_smallcap(resume_dir)
     else:
@@ -383,8 +380,6 @@ def _save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, proces
 
     rng_states = gather_object([_rng_state()])
     if accelerator.is_main_process:
-        from transformers.utils import logging as transformers_logging
-
         bars = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()  # no "Writing model shards" bar inside the training bar
         # A resumed run may rewrite checkpoints that the interrupted run wrote after its resume point.

@@ -1,31 +1,32 @@
 """Training data: (image, caption) samples, their retrieved captions, and the batches the decoder trains on.
 
-COCO annotations and Karpathy splits are read by `smallcap.data` (Karpathy text rule "tokens", as the reference
-trains); JSONL/CSV/Parquet tables are read here (id: the `image_id` column, else the image file's stem). One sample
-per (image, caption) pair, as in the reference.
+Caption files are read by `smallcap.data` (the one reader): COCO annotations, Karpathy splits (text rule
+"tokens", as the reference trains), JSON lists of objects and JSONL/CSV/Parquet tables (strict rows: each names its
+image by an `image_id` field or an image file, whose stem is then the id). One sample per (image, caption) pair,
+as in the reference; image ids are `image_id_key` strings.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from smallcap.data import image_id_key, read_caption_data
+from smallcap.data import (default_image_root, detect_format, image_id_key, json_format, load_json,
+                           read_caption_data, read_captions)
 from smallcap.errors import SmallCapError
 from smallcap.modeling import PAD_TOKEN_ID
 from smallcap.prompt import MAX_CAPTION_TOKENS, collate_training_examples, training_example
 
 TRAIN_SPLITS = ("train", "restval")  # Karpathy's training images, as the reference used them
 SAMPLE_FROM = 7  # --sample-k-from-7 draws from the first 7 retrieved captions (what training retrieval keeps)
+TRAINING_FORMATS = ("coco", "karpathy", "json", "jsonl", "csv", "parquet")
 
 
 @dataclass(frozen=True)
@@ -45,25 +46,36 @@ def read_training_samples(data: str | os.PathLike, images: str | os.PathLike | N
     `split` may list several splits separated by commas. Default: Karpathy's train+restval, a table's "train"
     rows if it has a split column; a COCO file (which has no split field) counts as the split in its name
     (`captions_train2017.json` is "train") and is taken whole. `images` is the image root directory (default:
-    for COCO annotations in `annotations/`, the sibling folder named after the file, else the file's folder).
+    `smallcap.data.default_image_root`: for COCO annotations in `annotations/`, the sibling folder named after
+    the file, else the file's folder).
     """
     path = Path(data)
     if not path.is_file():
         raise SmallCapError(f"caption file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".csv", ".parquet"):
-        samples = _read_table(path, Path(images) if images else path.parent)
-    elif suffix == ".json":
-        content = _load_json(path)
-        if isinstance(content, dict) and "annotations" in content:
-            samples = _read_coco(path, content, Path(images) if images else _coco_image_root(path))
-        elif isinstance(content, dict) and isinstance(content.get("images"), list):
-            samples = _read_karpathy(path, content, Path(images) if images else path.parent)
-        else:
-            raise SmallCapError(f"{path} is neither COCO annotations (images + annotations) nor a Karpathy split "
-                                "file (images with sentences)")
+    fmt = detect_format(path)
+    if fmt == "json":
+        content = load_json(path, "caption")
+        fmt = json_format(content)
+        records = None if fmt not in TRAINING_FORMATS else \
+            list(read_caption_data(content, path, fmt, text="tokens", strict=True))
+    elif fmt in TRAINING_FORMATS:
+        records = list(read_captions(path, fmt, strict=True))
     else:
-        raise SmallCapError(f"{path}: unknown caption file type {suffix!r} (expected .json, .jsonl, .csv, .parquet)")
+        records = None
+    if records is None:
+        raise SmallCapError(f"{path}: {fmt} captions cannot be trained on; expected COCO caption annotations, a "
+                            "Karpathy split file, a JSON list of objects or a .jsonl/.csv/.parquet table with "
+                            "'caption' and 'image_id' and/or 'image' columns")
+    root = Path(images) if images else default_image_root(path)
+    if fmt == "coco":
+        unknown = sorted({image_id_key(r.image_id) for r in records if r.image_file is None})
+        if unknown:
+            raise SmallCapError(f"{path}: captions refer to {len(unknown)} image ids that are not in its 'images' "
+                                f"list, e.g. {', '.join(unknown[:5])}")
+        match = re.match(r"captions_([a-z]+)\d*\.json$", path.name)
+        records = [replace(r, split=match.group(1) if match else None) for r in records]
+    samples = [TrainingSample(image_id_key(r.image_id), r.caption, root / r.image_file if r.image_file else None,
+                              r.split) for r in records]
     return _select_split(path, samples, split)
 
 
@@ -80,70 +92,6 @@ def _select_split(path: Path, samples: list[TrainingSample], split: str | None) 
         shown = ",".join(sorted(wanted)) if wanted else "any"
         raise SmallCapError(f"{path} has no captions in split {shown!r} (splits present: {', '.join(present) or 'none'})")
     return chosen
-
-
-def _load_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SmallCapError(f"cannot read {path}: {error}") from error
-
-
-def _coco_image_root(path: Path) -> Path:
-    match = re.match(r"captions_(\w+)\.json$", path.name)
-    if match and path.parent.name == "annotations" and (path.parent.parent / match.group(1)).is_dir():
-        return path.parent.parent / match.group(1)
-    return path.parent
-
-
-def _read_coco(path: Path, content: dict, root: Path) -> list[TrainingSample]:
-    match = re.match(r"captions_([a-z]+)\d*\.json$", path.name)
-    split = match.group(1) if match else None
-    records = list(read_caption_data(content, path, format="coco"))
-    unknown = sorted({image_id_key(r.image_id) for r in records if r.image_file is None})
-    if unknown:
-        raise SmallCapError(f"{path}: captions refer to {len(unknown)} image ids that are not in its 'images' "
-                            f"list, e.g. {', '.join(unknown[:5])}")
-    return [TrainingSample(image_id_key(r.image_id), r.caption, root / r.image_file, split) for r in records]
-
-
-def _read_karpathy(path: Path, content: dict, root: Path) -> list[TrainingSample]:
-    # The reference trains on Karpathy's tokens joined by spaces (lower case, no punctuation).
-    records = read_caption_data(content, path, format="karpathy", text="tokens")
-    return [TrainingSample(image_id_key(r.image_id), r.caption, root / r.image_file if r.image_file else None, r.split)
-            for r in records]
-
-
-def _read_table(path: Path, root: Path) -> list[TrainingSample]:
-    """Rows with `caption` and `image_id` and/or `image` (a path relative to `root`), optional `split`."""
-    if path.suffix.lower() == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as error:
-            raise SmallCapError("reading .parquet needs pyarrow: pip install 'smallcap[parquet]'") from error
-        rows = pq.read_table(path).to_pylist()
-    elif path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        rows = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise SmallCapError(f"{path}, line {number}: not JSON ({error})") from error
-    samples = []
-    for number, row in enumerate(rows, 1):
-        image = row.get("image") or row.get("file_name") or row.get("image_path")
-        image_id = row.get("image_id") if row.get("image_id") not in (None, "") else (Path(image).stem if image else None)
-        if image_id is None or not row.get("caption"):
-            raise SmallCapError(f"{path}, row {number}: needs 'caption' and 'image_id' or 'image', got {sorted(row)}")
-        samples.append(TrainingSample(str(image_id), str(row["caption"]).strip(), root / image if image else None,
-                                      row.get("split") or None))
-    return samples
 
 
 def check_retrieved(retrieved: Mapping[str, Sequence[str]], samples: Sequence[TrainingSample], k: int,

@@ -2,7 +2,9 @@
 
 Each module in `COMMANDS` exposes `register(subparsers)`, which adds its parser and sets `func` to a
 callable taking the parsed arguments and returning an exit code; it may set `validate`, a callable that checks
-the options together (raising SmallCapError) before `func` runs.
+the options together (raising SmallCapError) before `func` runs. Subcommand modules import the parts of the
+package that load torch, transformers, faiss or an optional extra inside `run`, so that `smallcap CMD --help` and
+bad arguments answer at once; everything light is imported at the top.
 """
 
 from __future__ import annotations

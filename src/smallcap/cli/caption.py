@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 
 from smallcap.cli.options import positive_int
+from smallcap.data import image_id_key
 from smallcap.errors import SmallCapError
+from smallcap.hub import DEFAULT_MODEL
+from smallcap.images import VideoOptions, expand_inputs
+from smallcap.io import check_output_file
 
 PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS (not imported here so that --help starts fast)
 
@@ -27,8 +31,6 @@ def register(subparsers) -> None:
 
 def add_captioner_arguments(parser) -> None:
     """Model, retrieval, decoding and video options shared by `caption` and `predict`."""
-    from smallcap.hub import DEFAULT_MODEL
-
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or checkpoint directory (default {DEFAULT_MODEL})")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--retrieved", type=Path, metavar="FILE.json",
@@ -77,10 +79,9 @@ def check_precision_arguments(args) -> None:
 
 def captioner_options(args) -> dict:
     """The `Captioner.from_pretrained` keyword arguments the shared arguments describe."""
-    from smallcap.generation import GenerationSettings
-    from smallcap.images import VideoOptions
-
     import torch
+
+    from smallcap.generation import GenerationSettings
 
     return dict(
         model=args.model, tokenizer=args.tokenizer, image_processor=args.image_processor, device=args.device,
@@ -100,8 +101,6 @@ def build_captioner(args):
 
 def retrieved_for(path: Path, table: dict[str, list[str]]) -> list[str]:
     """The entry for an image file: keyed by its stem, or by its image id (`image_id_key`: 000000000139 -> 139)."""
-    from smallcap.data import image_id_key
-
     stem = path.stem
     if stem not in table and image_id_key(stem) in table:
         stem = image_id_key(stem)
@@ -155,9 +154,6 @@ def _open_output(output: Path, overwrite: bool):
 
 def run(args) -> int:
     """Caption the inputs; exit code 1 if any input could not be captioned."""
-    from smallcap.images import expand_inputs
-    from smallcap.io import check_output_file
-
     if args.output:
         check_output_file(args.output, "--output")
     paths = expand_inputs(args.inputs)

@@ -13,6 +13,8 @@ from smallcap.cli.options import non_negative_int, positive_float, positive_int
 from smallcap.data import DATASTORE_SPLITS, FORMATS
 from smallcap.cli.caption import PIL_MAX_IMAGE_PIXELS
 from smallcap.errors import SmallCapError
+from smallcap.hub import bundled_path, local_snapshot
+from smallcap.images import load_image
 
 DEFAULT_LENGTH_TOKENIZER = "gpt2"  # smallcap.retrieval.build.DEFAULT_LENGTH_TOKENIZER
 DEFAULT_ENCODER = "openai/clip-vit-base-patch32"  # smallcap.retrieval.encoders.DEFAULT_RETRIEVAL_ENCODER (not
@@ -47,6 +49,9 @@ def register(subparsers) -> None:
     build.add_argument("--format", choices=FORMATS, help="input format (default: detected per file)")
     build.add_argument("--column", default="caption", help="caption column of JSONL/CSV/Parquet/JSON records")
     build.add_argument("--id-column", help="image id column of JSONL/CSV/Parquet/JSON records")
+    build.add_argument("--text", choices=["raw", "tokens"], default="raw",
+                       help="Karpathy files: index the raw sentences (default) or their tokens joined by spaces, "
+                            "as the reference builds its datastore (see smallcap.data)")
     build.add_argument("--batch-size", type=positive_int, default=256, help="captions per encoder batch")
     build.add_argument("--shard-size", type=positive_int, default=16384, help="captions per resumable embedding shard")
     build.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
@@ -120,7 +125,6 @@ def run_build(args: argparse.Namespace) -> int:
     splits = None if args.splits == "all" else [split for split in args.splits.split(",") if split]
     tokenizer = args.tokenizer
     if tokenizer is None and args.model is not None and args.max_tokens:
-        from smallcap.hub import bundled_path, local_snapshot
         from smallcap.loading import TOKENIZER_FILES
 
         directory = Path(local_snapshot(args.model))
@@ -137,7 +141,7 @@ def run_build(args: argparse.Namespace) -> int:
     store = build_datastore(
         args.inputs, args.out, args.encoder, index=args.index, max_tokens=args.max_tokens or None,
         tokenizer=tokenizer or DEFAULT_LENGTH_TOKENIZER, dedupe=args.dedupe, batch_size=args.batch_size, shard_size=args.shard_size,
-        splits=splits, format=args.format, column=args.column, id_column=args.id_column,
+        splits=splits, format=args.format, column=args.column, id_column=args.id_column, text=args.text,
         memory_budget=int(args.memory_budget * 2**30), overwrite=args.overwrite, device=_device(args.device),
         embedder=embedder)
     print(f"{store.directory}: {len(store)} captions, {store.manifest['index']['type']} index, {store.encoder_name}")
@@ -186,7 +190,6 @@ def run_search(args: argparse.Namespace) -> int:
     store = load_datastores(args.directories)
     encoder = load_encoder(args.encoder or store.encoder_name, device=_device(args.device))
     store.check_encoder(encoder)
-    from smallcap.images import load_image
 
     rows: list[dict] = [{"query": path} for path in args.image] + [{"query": text} for text in args.text]
     images, image_rows = [], []

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict
 
 from smallcap.cli.options import non_negative_int
+from smallcap.errors import SmallCapError
+from smallcap.images import expand_inputs
 
 
 def register(subparsers) -> None:
@@ -31,8 +33,6 @@ def run(args) -> int:
     from transformers.utils import logging as transformers_logging
 
     from smallcap.demo import DEMO_DATASTORES, compare_datastores, format_rows, sample_images, sample_references
-    from smallcap.errors import SmallCapError
-    from smallcap.images import expand_inputs
 
     images = expand_inputs(args.images) if args.images else sample_images()
     if not images:

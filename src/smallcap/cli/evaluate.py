@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 
 from smallcap.errors import SmallCapError
+from smallcap.evaluation import evaluate, format_table
+from smallcap.io import atomic_write_json
 
 DEFAULT_CLIP_ENCODER = "openai/clip-vit-base-patch32"  # smallcap.evaluation.DEFAULT_CLIP_ENCODER
 
@@ -39,9 +41,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from smallcap.evaluation import evaluate, format_table
-    from smallcap.io import atomic_write_json
-
     metrics = [m for m in args.metrics.split(",") if m.strip()] + (["CLIPScore"] if args.clipscore else [])
     if args.images_dir and not args.clipscore and not any("clip" in m.lower() for m in metrics):
         raise SmallCapError("--images-dir is only used by CLIPScore; add --clipscore")

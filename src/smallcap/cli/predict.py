@@ -5,9 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from smallcap.cli.caption import add_captioner_arguments, build_captioner, check_precision_arguments
+from smallcap.cli.caption import (add_captioner_arguments, build_captioner, captioner_options,
+                                  check_precision_arguments)
 from smallcap.cli.options import positive_int
+from smallcap.data import dataset_images
 from smallcap.errors import SmallCapError
+from smallcap.io import check_output_dir, check_output_file
 
 
 def register(subparsers) -> None:
@@ -64,8 +67,6 @@ def run_settings(args) -> dict:
 
 def run(args) -> int:
     """Predict; exit code 1 if some images could not be captioned (they are retried on a re-run)."""
-    from smallcap.io import check_output_file
-    from smallcap.data import dataset_images
     from smallcap.prediction import check_resume_settings, predict
 
     check_output_file(args.out, "--out")
@@ -99,7 +100,6 @@ def run(args) -> int:
 
 def run_on_ray(args) -> int:
     """`predict --engine ray`: plan input shards, run the Ray Data job, merge into --out."""
-    from smallcap.cli.caption import captioner_options
     from smallcap.scale.predict import predict_on_ray
     from smallcap.scale.sources import plan_shards
 
@@ -107,8 +107,6 @@ def run_on_ray(args) -> int:
         raise SmallCapError("--features and --retrieved are not supported with --engine ray; retrieval runs in "
                             "the captioning workers (--datastore) or is off (--no-retrieval)")
     if args.output_dir is not None:
-        from smallcap.io import check_output_dir
-
         check_output_dir(args.output_dir, "--output-dir")
     shards = plan_shards(args.data, split=args.split, images_dir=args.images_dir, format=args.format,
                          shard_size=args.shard_size)

@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 from smallcap.errors import SmallCapError, require_extra
+from smallcap.hub import resolve_datastore, resolve_pretrained
 
 
 def register(subparsers) -> None:
@@ -40,8 +41,6 @@ def register(subparsers) -> None:
 
 def validate(args) -> None:
     """Check the options before loading anything."""
-    from smallcap.hub import resolve_datastore, resolve_pretrained
-
     for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                              ("--port", args.port, 0)):
         if value < low:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from smallcap.cli.options import non_negative_int, positive_float, positive_int
-from smallcap.training import TrainingConfig
+from smallcap.training import TrainingConfig, train
 
 _DEFAULTS = TrainingConfig(data="", output_dir="")
 
@@ -48,8 +48,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from smallcap.training import train
-
     checkpoint = train(TrainingConfig(
         data=args.data, output_dir=args.output_dir, retrieved=args.retrieved, images=args.images, split=args.split,
         features=args.features, encoder=args.encoder, decoder=args.decoder, reduce_factor=args.reduce_factor,

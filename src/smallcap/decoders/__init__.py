@@ -9,6 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+@dataclass(kw_only=True, repr=False, eq=False)
+class CrossAttentionConfig:
+    """What every SmallCap decoder config adds to its language model's config (mixed in before it, e.g.
+    `class SmallCapOPTConfig(CrossAttentionConfig, OPTConfig)`): the reduce factor r and the encoder width of
+    the cross-attention, and a decoder that always cross-attends to the image."""
+
+    cross_attention_reduce_factor: int = 1
+    encoder_hidden_size: int = 768
+
+    def __post_init__(self, **kwargs):
+        kwargs.setdefault("is_decoder", True)
+        # Set on the object, not as a kwarg: GPT2Config and XGLMConfig declare it as a field (default False).
+        self.add_cross_attention = True
+        super().__post_init__(**kwargs)
+
+
 @dataclass(frozen=True)
 class DecoderFamily:
     """What differs between decoder families outside the model code."""

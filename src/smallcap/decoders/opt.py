@@ -12,20 +12,14 @@ from transformers import OPTConfig, OPTForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
+from smallcap.decoders import CrossAttentionConfig
 from smallcap.decoders.xglm import ReducedEncoderAttention
 
 
-class SmallCapOPTConfig(OPTConfig):
+class SmallCapOPTConfig(CrossAttentionConfig, OPTConfig):
     """OPT config plus the reduce factor and encoder width of SmallCap's cross-attention ("this_opt")."""
 
     model_type = "this_opt"
-    cross_attention_reduce_factor: int = 1
-    encoder_hidden_size: int = 768
-
-    def __post_init__(self, **kwargs):
-        kwargs.setdefault("is_decoder", True)
-        kwargs.setdefault("add_cross_attention", True)
-        super().__post_init__(**kwargs)
 
 
 class SmallCapOPTDecoderLayer(OPTDecoderLayer):

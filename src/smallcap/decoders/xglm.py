@@ -11,6 +11,8 @@ from torch import nn
 from transformers import XGLMConfig, XGLMForCausalLM
 from transformers.models.xglm.modeling_xglm import XGLMAttention
 
+from smallcap.decoders import CrossAttentionConfig
+
 
 class ReducedEncoderAttention(XGLMAttention):
     """Bart-style cross-attention whose inner width is `embed_dim / r`, keys and values read from the encoder.
@@ -35,17 +37,10 @@ class ReducedEncoderAttention(XGLMAttention):
         self.out_proj = nn.Linear(inner, embed_dim)
 
 
-class SmallCapXGLMConfig(XGLMConfig):
+class SmallCapXGLMConfig(CrossAttentionConfig, XGLMConfig):
     """XGLM config plus the reduce factor and encoder width of SmallCap's cross-attention ("this_xglm")."""
 
     model_type = "this_xglm"
-    cross_attention_reduce_factor: int = 1
-    encoder_hidden_size: int = 768
-
-    def __post_init__(self, **kwargs):
-        kwargs.setdefault("is_decoder", True)
-        self.add_cross_attention = True
-        super().__post_init__(**kwargs)
 
 
 class SmallCapXGLMDecoder(XGLMForCausalLM):

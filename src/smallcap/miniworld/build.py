@@ -27,6 +27,7 @@ from smallcap.miniworld.export import SPLITS, sample_world, write_world
 from smallcap.miniworld.lm import PROMPT_HEAD, PROMPT_TAIL, LMRecipe, perplexity_report, smallcap_prompt, train_lm
 from smallcap.miniworld.tokenization import prune_clip_tokenizer, train_gpt2_tokenizer
 from smallcap.miniworld.world import DOMAINS, IMAGE_SIZE, render
+from smallcap.retrieval.encoders import HFCLIPEncoder
 
 
 def default_clip_tokenizer_dir() -> Path:
@@ -111,8 +112,6 @@ def build_world(out_dir: str | Path, seed: int = 0, recipe: WorldRecipe | None =
 
 def _retrieval_report(clip_dir: Path, images, seed: int) -> dict:
     """Per domain: the test images against their own references, and against the train datastore."""
-    from smallcap.retrieval.encoders import HFCLIPEncoder
-
     encoder = HFCLIPEncoder.from_pretrained(str(clip_dir))
     report = {}
     for domain in DOMAINS:

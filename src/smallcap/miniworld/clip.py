@@ -13,9 +13,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from smallcap.miniworld.captions import describes_content, mentions
+from smallcap.miniworld.optimisation import optimise
 from smallcap.miniworld.world import IMAGE_SIZE, Scene
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -87,7 +87,7 @@ def train_clip(pixels: torch.Tensor, captions: Sequence[Sequence[str]], tokenize
     shape (`sample_world(..., shape_variants=...)`), they are the hard negatives that teach shape, which
     colour, place and background otherwise drown out. Returns the model in eval mode.
     """
-    from transformers import CLIPModel, get_cosine_schedule_with_warmup
+    from transformers import CLIPModel
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -96,12 +96,11 @@ def train_clip(pixels: torch.Tensor, captions: Sequence[Sequence[str]], tokenize
     tokens = tokenizer([c for caps in captions for c in caps], padding=True, truncation=True, return_tensors="pt")
     ids = tokens.input_ids.view(len(captions), per_image, -1)
     mask = tokens.attention_mask.view(len(captions), per_image, -1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, recipe.steps // 20), recipe.steps)
     groups, per_batch = len(captions) // group_size, max(1, recipe.batch_size // group_size)
     order: list[int] = []
-    bar = tqdm(range(recipe.steps), desc="training mini CLIP", unit="step", disable=not progress)
-    for _ in bar:
+
+    def batch_loss(step: int) -> torch.Tensor:
+        nonlocal order
         if len(order) < per_batch:
             order += rng.sample(range(groups), groups)
         rows = torch.tensor([g * group_size + j for g in order[:per_batch] for j in range(group_size)])
@@ -111,14 +110,9 @@ def train_clip(pixels: torch.Tensor, captions: Sequence[Sequence[str]], tokenize
         length = int(batch_mask.sum(1).max())
         out = model(input_ids=batch_ids[:, :length], attention_mask=batch_mask[:, :length],
                     pixel_values=normalise(pixels[rows]))
-        loss = multi_caption_loss(out.logits_per_image, recipe.captions_per_image)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return model.eval()
+        return multi_caption_loss(out.logits_per_image, recipe.captions_per_image)
+
+    return optimise(model, recipe, batch_loss, "training mini CLIP", progress)
 
 
 def multi_caption_loss(logits_per_image: torch.Tensor, per_image: int) -> torch.Tensor:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from smallcap.miniworld.export import WorldImage
+from smallcap.miniworld.optimisation import optimise
 from smallcap.prompt import TEMPLATE, build_prompt
 
 # SmallCap's prompt (smallcap.prompt): k captions joined by blank lines, one "." after the last one.
@@ -132,27 +132,20 @@ def _batch(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, captions
 
 def train_lm(images: Sequence[WorldImage], tokenizer, recipe: LMRecipe, seed: int = 0, progress: bool = True):
     """Train a mini `GPT2LMHeadModel` on SmallCap-formatted caption text of `images`; returns it in eval mode."""
-    from transformers import GPT2LMHeadModel, get_cosine_schedule_with_warmup
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = GPT2LMHeadModel(mini_gpt2_config(tokenizer, recipe)).train()
     sampler = ContextSampler(images, recipe)
     encoded = encode_pairs(tokenizer, training_texts(images, sampler, recipe.steps * recipe.batch_size, recipe, rng))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, recipe.steps // 20), recipe.steps)
     pad = tokenizer.convert_tokens_to_ids("!")
-    bar = tqdm(range(recipe.steps), desc="training mini GPT-2", unit="step", disable=not progress)
-    for step in bar:
+
+    def batch_loss(step: int) -> torch.Tensor:
         ids, mask, labels = _batch(encoded[step * recipe.batch_size:(step + 1) * recipe.batch_size], pad, False)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return model.eval()
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    return optimise(model, recipe, batch_loss, "training mini GPT-2", progress)
 
 
 @torch.inference_mode()

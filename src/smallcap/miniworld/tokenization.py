@@ -46,22 +46,27 @@ def train_gpt2_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
               for m in json.loads(tokenizer.to_str())["model"]["merges"]]
     # Ids: bytes in GPT-2 order, then each merge's result in merge order, then the end-of-text token.
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    return _save_bpe(out_dir, list(bytes_to_unicode().values()), merges, [GPT2_END_OF_TEXT], GPT2Tokenizer,
+                     model_max_length)
+
+
+def _save_bpe(out_dir: str | Path, base: list[str], merges: list[tuple[str, str]], specials: list[str],
+              tokenizer_class, model_max_length: int):
+    """Write `vocab.json` (ids: `base`, then each merge's result in merge order, then `specials`) and
+    `merges.txt` to `out_dir`, load them with `tokenizer_class`, save its own files there too; return it."""
+    vocab = {token: i for i, token in enumerate(base)}
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
-    vocab[GPT2_END_OF_TEXT] = len(vocab)
+    for token in specials:
+        vocab[token] = len(vocab)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_bpe(out_dir, vocab, merges)
-    loaded = GPT2Tokenizer.from_pretrained(out_dir, model_max_length=model_max_length)
-    loaded.save_pretrained(out_dir)
-    return loaded
-
-
-def _write_bpe(out_dir: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out_dir / "merges.txt").write_text("\n".join([MERGES_HEADER] + [f"{a} {b}" for a, b in merges]) + "\n",
                                         encoding="utf-8")
+    loaded = tokenizer_class.from_pretrained(out_dir, model_max_length=model_max_length)
+    loaded.save_pretrained(out_dir)
+    return loaded
 
 
 # CLIP's pre-tokenisation of lowercased text (see CLIPTokenizer): letters, single digits, other symbols.
@@ -106,14 +111,4 @@ def prune_clip_tokenizer(full_dir: str | Path, texts: Iterable[str], out_dir: st
         used |= _bpe_merges_used("".join(byte_encoder[b] for b in word.encode("utf-8")), ranks)
     kept_merges = [pair for pair in merges if pair in used]
     base = sorted(full_vocab, key=full_vocab.__getitem__)[:512]  # CLIP's bytes, then bytes + "</w>"
-    vocab = {token: i for i, token in enumerate(base)}
-    for left, right in kept_merges:
-        vocab.setdefault(left + right, len(vocab))
-    for token in CLIP_SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_bpe(out_dir, vocab, kept_merges)
-    loaded = CLIPTokenizer.from_pretrained(out_dir, model_max_length=model_max_length)
-    loaded.save_pretrained(out_dir)
-    return loaded
+    return _save_bpe(out_dir, base, kept_merges, list(CLIP_SPECIAL_TOKENS), CLIPTokenizer, model_max_length)

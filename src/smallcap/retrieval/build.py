@@ -22,9 +22,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import smallcap
-from smallcap.data import DATASTORE_SPLITS, CaptionRecord, read_captions
+from smallcap.data import DATASTORE_SPLITS, CaptionRecord, image_id_key, load_json, read_captions
 from smallcap.errors import SmallCapError
-from smallcap.io import atomic_directory, atomic_open, atomic_write_json
+from smallcap.hub import explain_load_errors, resolve_pretrained
+from smallcap.io import atomic_directory, atomic_open, atomic_write_json, check_output_dir
 from smallcap.retrieval.datastore import FORMAT, FORMAT_VERSION, INDEX_FILE, Datastore, StringColumn
 from smallcap.retrieval.encoders import RetrievalEncoder, canonical_encoder_name, load_encoder
 from smallcap.retrieval.index import (
@@ -56,7 +57,6 @@ def load_length_tokenizer(name: str = DEFAULT_LENGTH_TOKENIZER):
     """The decoder's tokenizer (Hub id or directory; GPT-2, OPT or XGLM), used to measure caption lengths."""
     from transformers import AutoTokenizer, GPT2Tokenizer
 
-    from smallcap.hub import explain_load_errors, resolve_pretrained
 
     if not Path(name).expanduser().is_dir():
         name = resolve_pretrained(name, what="tokenizer")
@@ -120,8 +120,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[str | Path] 
     replace: only a datastore (its manifest and files, nothing else) or an empty directory is replaced; never
     the working directory or one of its parents, a file, or a folder holding the inputs or other files."""
     if not out_dir.exists():
-        from smallcap.io import check_output_dir
-
         check_output_dir(out_dir, "output")
         return
     if not overwrite:
@@ -155,11 +153,27 @@ def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[str | Path] 
                             "directory")
 
 
+def read_datastore_captions(inputs: Sequence[str | Path], splits: Sequence[str] | None = DATASTORE_SPLITS,
+                            format: str | None = None, column: str = "caption", id_column: str | None = None,
+                            text: str = "raw") -> tuple[list[CaptionRecord], list[dict]]:
+    """The caption records a datastore build reads from `inputs` (`smallcap.data.read_captions`; text rule "raw"
+    by default, "tokens" indexes Karpathy files as the reference does), and per input its path, sha256 and
+    record count."""
+    records: list[CaptionRecord] = []
+    input_info = []
+    for path in inputs:
+        before = len(records)
+        records.extend(read_captions(path, format=format, column=column, id_column=id_column, splits=splits,
+                                     text=text))
+        input_info.append({"path": str(path), "sha256": sha256_file(path), "records": len(records) - before})
+    return records, input_info
+
+
 def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: RetrievalEncoder | str, *,
                     index: str = "auto", max_tokens: int | None = 25, tokenizer: Any = DEFAULT_LENGTH_TOKENIZER,
                     dedupe: bool = False, batch_size: int = 256, shard_size: int = DEFAULT_SHARD_SIZE,
                     splits: Sequence[str] | None = DATASTORE_SPLITS, format: str | None = None,
-                    column: str = "caption", id_column: str | None = None,
+                    column: str = "caption", id_column: str | None = None, text: str = "raw",
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, overwrite: bool = False, device: str = "cpu",
                     progress: bool = True, embedder: ShardEmbedder | None = None) -> Datastore:
     """Build a datastore from caption files and return it opened.
@@ -168,7 +182,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     `smallcap.retrieval.index.choose_index`). `max_tokens`: drop captions longer than this many decoder
     tokens (`tokenizer`: GPT-2 tokenizer object, Hub id or directory). `splits`: for files with splits
     (Karpathy, MSR-VTT) keep only these (default train + restval); None keeps all. `format`, `column`,
-    `id_column`: reader options (smallcap.data). Embeddings go to `<out_dir>/../.<name>.build/` in shards of
+    `id_column`, `text`: reader options (`read_datastore_captions`). Embeddings go to `<out_dir>/../.<name>.build/` in shards of
     `shard_size` captions; rerunning after an interruption resumes there. `embedder` embeds the shards still
     to do elsewhere (e.g. `smallcap.scale.datastore.RayShardEmbedder`); default: `encoder`, in this process.
     """
@@ -176,12 +190,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     _check_out_dir(out_dir, overwrite, inputs)
     if not inputs:
         raise SmallCapError("no input caption files given")
-    records: list[CaptionRecord] = []
-    input_info = []
-    for path in inputs:
-        before = len(records)
-        records.extend(read_captions(path, format=format, column=column, id_column=id_column, splits=splits))
-        input_info.append({"path": str(path), "sha256": sha256_file(path), "records": len(records) - before})
+    records, input_info = read_datastore_captions(inputs, splits, format, column, id_column, text)
     tokenizer_name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
     if isinstance(tokenizer, str) and max_tokens is not None:
         tokenizer = load_length_tokenizer(tokenizer)
@@ -212,7 +221,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
 
     per_source: dict[str, int] = {}
     for record in kept:
-        per_source[str(record.image_id)] = per_source.get(str(record.image_id), 0) + 1
+        per_source[image_id_key(record.image_id)] = per_source.get(image_id_key(record.image_id), 0) + 1
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "smallcap_version": smallcap.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -227,7 +236,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
     }
     sources = np.asarray([source_of[record.source] for record in kept], dtype=np.int32)
     write_datastore(out_dir, overwrite, manifest, lambda path: faiss.write_index(faiss_index, str(path)),
-                    (r.caption for r in kept), (str(r.image_id) for r in kept), sources)
+                    (r.caption for r in kept), (image_id_key(r.image_id) for r in kept), sources)
     shutil.rmtree(work, ignore_errors=True)
     _log(f"wrote {out_dir}: {len(kept)} captions")
     return Datastore.load(out_dir)
@@ -347,14 +356,7 @@ def read_caption_list(path: str | Path) -> list[str]:
     """Captions of a published datastore: a JSON list, or a JSON object keyed by row id ("0".."n-1")."""
     path = Path(path)
     expected = 'a JSON list of caption strings, or an object {"0": caption, "1": ...} keyed by row id'
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SmallCapError(f"caption file {path} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise SmallCapError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); expected {expected}") from None
-    except (UnicodeDecodeError, IsADirectoryError) as error:
-        raise SmallCapError(f"{path}: unreadable ({error}); expected {expected}") from None
+    data = load_json(path, "caption", expected)
     if isinstance(data, dict):
         try:
             rows = {int(key): value for key, value in data.items()}

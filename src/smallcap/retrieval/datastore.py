@@ -30,7 +30,10 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from smallcap.data import image_id_key, load_json
 from smallcap.errors import SmallCapError
+from smallcap.hub import resolve_datastore
+from smallcap.io import atomic_write_json
 from smallcap.retrieval.encoders import RetrievalEncoder, canonical_encoder_name
 from smallcap.retrieval.index import IndexSpec, read_index
 
@@ -117,7 +120,7 @@ def _check_exclusions(exclude_source_ids: Sequence | None, count: int) -> list[s
         return None
     if len(exclude_source_ids) != count:
         raise SmallCapError(f"exclude_source_ids has {len(exclude_source_ids)} entries for {count} queries")
-    return [None if sid is None else str(sid) for sid in exclude_source_ids]
+    return [None if sid is None else image_id_key(sid) for sid in exclude_source_ids]
 
 
 class Datastore:
@@ -153,8 +156,6 @@ class Datastore:
     def load(cls, directory: str | Path, mmap: bool = True) -> "Datastore":
         """Open a datastore directory (or bundled short name, `mini-source`); with `mmap` the index and captions
         are memory-mapped, not read."""
-        from smallcap.hub import resolve_datastore
-
         directory = resolve_datastore(directory)
         manifest_path = directory / "manifest.json"
         if not directory.is_dir():
@@ -312,14 +313,12 @@ def retrieve_for_training(store: Datastore | MultiDatastore, image_embeddings: n
     the reference's `{"<image_id>": [captions]}` JSON mapping. `exclude_own=False` keeps own captions (for
     images the datastore does not describe, e.g. a test split).
     """
-    from smallcap.io import atomic_write_json
-
     if len(image_embeddings) != len(image_ids):
         raise SmallCapError(f"{len(image_embeddings)} image embeddings for {len(image_ids)} image ids")
     retrieved: dict[str, list[str]] = {}
     starts = range(0, len(image_ids), batch_size)
     for start in tqdm(starts, desc="retrieving", unit="batch", disable=not progress or len(starts) < 2):
-        ids = [str(image_id) for image_id in image_ids[start:start + batch_size]]
+        ids = [image_id_key(image_id) for image_id in image_ids[start:start + batch_size]]
         hits = store.search(image_embeddings[start:start + batch_size], k)
         for image_id, captions, sources in zip(ids, hits.captions, hits.source_ids):
             retrieved[image_id] = [caption for caption, sid in zip(captions, sources)
@@ -332,14 +331,9 @@ def retrieve_for_training(store: Datastore | MultiDatastore, image_embeddings: n
 def load_retrieved(path: str | Path) -> dict[str, list[str]]:
     """Read the reference's retrieved-captions file `{"<image_id>": [caption, ...]}` (most similar first), as
     `retrieve_for_training` writes it; any other form is a clear error."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SmallCapError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SmallCapError(f"{path}: not a readable JSON file ({error})") from None
+    expected = "a JSON object {image_id: [caption, ...]}"
+    data = load_json(path, "retrieved captions", expected)
     if not isinstance(data, dict) or not all(
             isinstance(v, list) and all(isinstance(c, str) for c in v) for v in data.values()):
-        raise SmallCapError(f"{path}: expected a JSON object {{image_id: [caption, ...]}}")
-    return {str(key): value for key, value in data.items()}
+        raise SmallCapError(f"{path}: expected {expected}")
+    return {image_id_key(key): value for key, value in data.items()}

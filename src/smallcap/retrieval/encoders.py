@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from smallcap.hub import bundled_name, explain_load_errors, resolve_pretrained
+
 DEFAULT_RETRIEVAL_ENCODER = "openai/clip-vit-base-patch32"
 
 
@@ -55,8 +57,6 @@ class HFCLIPEncoder:
     def from_pretrained(cls, name_or_path: str = DEFAULT_RETRIEVAL_ENCODER, device: str = "cpu") -> "HFCLIPEncoder":
         """Load model, image processor and tokenizer from one checkpoint directory or Hub id."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-        from smallcap.hub import explain_load_errors, resolve_pretrained
 
         path = resolve_pretrained(name_or_path, what="retrieval encoder")  # a bundled short name keeps its name
         with explain_load_errors(name_or_path, "retrieval encoder"):
@@ -103,8 +103,6 @@ def canonical_encoder_name(name: str) -> str:
     (`mini-clip`) so that bundled datastores work from any install path; `open_clip:ARCH` gains the default
     `/openai` weights tag; Hub ids and other names are unchanged.
     """
-    from smallcap.hub import bundled_name
-
     if name.startswith("open_clip:"):
         from smallcap.retrieval.open_clip_encoder import parse_open_clip_name
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from smallcap.data import dataset_images
-from smallcap.retrieval.datastore import Datastore, MultiDatastore, load_datastores
+from smallcap.images import load_image
+from smallcap.retrieval.datastore import Datastore, MultiDatastore, load_datastores, retrieve_for_training
 from smallcap.retrieval.encoders import HFCLIPEncoder, RetrievalEncoder, load_encoder
 
 
@@ -65,12 +68,6 @@ def retrieve_for_dataset(directories: Sequence[str], data: str, out_path: str | 
     (default: the datastores'), and `retrieve_for_training` keeps, of each image's `k` nearest captions, the
     first `keep` not describing the image itself (`exclude_own`).
     """
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from smallcap.images import load_image
-    from smallcap.retrieval.datastore import retrieve_for_training
-
     store = load_datastores(list(directories))
     query_encoder = load_encoder(encoder or store.encoder_name, device=device)
     store.check_encoder(query_encoder)

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel
 
 from smallcap.errors import SmallCapError
+from smallcap.hub import BUNDLED_SAMPLES
 from smallcap.serving.batcher import Batcher, QueueFullError
 from smallcap.serving.engine import Engine, Job
 from smallcap.serving.uploads import CaptionJSONRequest, RequestError, decode_uploads, parse_request
@@ -234,15 +235,11 @@ def create_app(load_engine: Callable[[], Engine], *, max_batch: int = 16, max_wa
     @app.get("/v1/samples", summary="Sample images for the web page")
     async def samples():
         """File names of the bundled sample images (served under /samples/)."""
-        from smallcap.hub import BUNDLED_SAMPLES
-
         return {"samples": sorted(p.name for p in BUNDLED_SAMPLES.glob("*.png"))}
 
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(STATIC_DIR / "index.html")
-
-    from smallcap.hub import BUNDLED_SAMPLES
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if BUNDLED_SAMPLES.is_dir():

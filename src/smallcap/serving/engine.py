@@ -16,6 +16,7 @@ from typing import Sequence
 from PIL import Image
 
 from smallcap.errors import SmallCapError
+from smallcap.hub import BUNDLED_DATASTORES
 
 DEFAULT_SERVE_MODEL = "mini"
 DEFAULT_SERVE_DATASTORES = ("mini-source", "mini-target")
@@ -58,8 +59,6 @@ class JobResult:
 
 def datastore_name(name_or_dir: str) -> str:
     """The name a datastore is served under: the bundled short name, else the directory's base name."""
-    from smallcap.hub import BUNDLED_DATASTORES
-
     if name_or_dir in BUNDLED_DATASTORES and not Path(name_or_dir).exists():
         return name_or_dir
     return Path(name_or_dir).expanduser().resolve().name

@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
 from smallcap.errors import SmallCapError
+from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image, load_image
 
 MAX_K, MAX_BEAMS, MAX_NEW_TOKENS = 50, 10, 100
 
@@ -145,8 +146,6 @@ def decode_uploads(uploads: list[Upload], video_options=None) -> list[Image.Imag
 def _still_image(upload: Upload) -> Image.Image | str | None:
     """The upload as an RGB image (or the CLI's error for it) when its header says single-frame still image;
     None for anything else (videos, animated GIFs, unrecognised data), which the CLI's loader then reads."""
-    from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
-
     limit = DEFAULT_MAX_IMAGE_PIXELS
     try:
         with Image.open(io.BytesIO(upload.data)) as probe:  # the header only
@@ -168,8 +167,6 @@ def _still_image(upload: Upload) -> Image.Image | str | None:
 
 
 def _load_from_file(upload: Upload, directory: Path, video_options) -> Image.Image | str:
-    from smallcap.images import load_image
-
     path = directory / _safe_name(upload.name)
     directory.mkdir()
     path.write_bytes(upload.data)
