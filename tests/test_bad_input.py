@@ -247,8 +247,8 @@ def test_interrupted_caption_keeps_what_was_done_and_a_rerun_skips_it(folder, ca
     assert [r["image"] for r in rows] == list(map(str, GOOD)) and rows[0] == first[0]
 
 
-# ------------------------------------------------------------------ 6. predict resumes only with its settings
-def test_predict_refuses_to_resume_with_other_settings(capsys, tmp_path):
+# --------------------------------------------------------- 6. predict and caption resume only with their settings
+def test_predict_and_caption_refuse_to_resume_with_other_settings(capsys, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for path in GOOD[:2]:
@@ -267,6 +267,15 @@ def test_predict_refuses_to_resume_with_other_settings(capsys, tmp_path):
     code, _, err = run(capsys, "predict", images, "--model", "mini", "--no-retrieval", "--out", preds, "--overwrite")
     assert code == 0 and "2 captioned, 0 already done" in err
     assert json.loads(Path(f"{preds}.settings.json").read_text())["retrieval"] is False
+    # `caption --output` appends and resumes the same way: another configuration is refused, the file untouched.
+    out = tmp_path / "c.jsonl"
+    assert run(capsys, "caption", GOOD[0], *MODEL, "--output", out)[0] == 0
+    captioned = out.read_bytes()
+    code, _, err = run(capsys, "caption", *GOOD[:2], *MODEL, "--num-beams", "1", "--output", out)
+    assert code == 2 and "made with other settings" in err and "num_beams: 3 then, 1 now" in err, err
+    assert out.read_bytes() == captioned
+    code, _, err = run(capsys, "caption", *GOOD[:2], *MODEL, "--output", out)
+    assert code == 0 and "1 inputs already captioned" in err and len(read_jsonl(out)) == 2
 
 
 # ------------------------------------------------------------------------------- 7. datastore search
@@ -431,7 +440,7 @@ README_CASES = {  # README row (first cell) -> the test above that shows it
     "image over `--max-image-pixels` (e.g. 20000x20000)": "test_oversized_image",
     "`--output`/`--out` is a directory or cannot be written": "test_bad_output_paths",
     "Ctrl-C during `caption --output`": "test_interrupted_caption",
-    "rerun of `predict` with other settings": "test_predict_refuses_to_resume",
+    "rerun of `predict` or `caption --output` with other settings": "test_predict_and_caption_refuse_to_resume",
     "`datastore search` with several `--text`/`--image`, some unreadable": "test_search_answers_every_query",
     "`datastore search --image clip.mp4`": "test_search_and_caption_read_a_video",
     "Hub id without network": "test_unreachable_hub_fails_fast",

@@ -51,7 +51,8 @@ def _read_partial(path: Path) -> dict[str, str]:
 
 
 def settings_path(output: str | os.PathLike) -> Path:
-    """Where `predict` records the settings a predictions file is made with: `PREDS.json.settings.json`."""
+    """Where `predict --out` and `caption --output` record the settings their file is made with:
+    `OUT.settings.json`."""
     output = Path(output)
     return output.with_name(output.name + ".settings.json")
 
@@ -77,7 +78,7 @@ def check_resume_settings(output: str | os.PathLike, settings: dict, overwrite: 
         if changed and (output.exists() or partial.exists()):
             detail = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changed.items())
             raise SmallCapError(f"{output} was made with other settings ({detail}); resuming would mix two "
-                                "configurations in one file. Write to a new --out, or pass --overwrite to start again")
+                                "configurations in one file. Write to another output file, or pass --overwrite to start again")
     elif output.exists() or partial.exists():
         print(f"warning: {output} has no record of the settings it was made with ({record.name}); resuming it "
               "as if they were the same", file=sys.stderr)

@@ -92,6 +92,25 @@ def captioner_options(args) -> dict:
         video=VideoOptions(args.frames, args.rows, args.cols, args.save_tiles), max_image_pixels=args.max_image_pixels)
 
 
+# Settings added to the record after files were made without them, and the value those files were made with.
+RECORDED_DEFAULTS = {"quantize": "none"}
+
+
+def captioner_settings(args) -> dict:
+    """What decides the captions of a run (model, retrieval, decoding, video tiling), as recorded beside the
+    output of `caption --output` and `predict --out` so that a resumed run cannot mix two configurations."""
+
+    def absolute(path):
+        return None if path is None else str(Path(path).expanduser().resolve()) if Path(path).exists() else str(path)
+
+    return {"model": absolute(args.model), "tokenizer": args.tokenizer, "image_processor": args.image_processor,
+            "dtype": args.dtype, "quantize": args.quantize, "retrieval": not args.no_retrieval,
+            "datastore": None if not args.datastore else [absolute(d) for d in args.datastore],
+            "retrieval_encoder": args.retrieval_encoder, "retrieved": absolute(args.retrieved), "k": args.k,
+            "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+            "video": [args.frames, args.rows, args.cols]}
+
+
 def build_captioner(args):
     """The Captioner the shared arguments describe."""
     from smallcap.captioner import Captioner
@@ -159,6 +178,11 @@ def run(args) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise SmallCapError("no image files found in " + ", ".join(args.inputs))
+    if args.output:
+        from smallcap.prediction import check_resume_settings
+
+        check_resume_settings(args.output, captioner_settings(args), overwrite=args.overwrite,
+                              recorded_defaults=RECORDED_DEFAULTS)
     if args.output and not args.overwrite:
         done = read_done(args.output)
         skipped = [path for path in paths if str(path) in done]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from smallcap.cli.caption import (add_captioner_arguments, build_captioner, captioner_options,
-                                  check_precision_arguments)
+from smallcap.cli.caption import (RECORDED_DEFAULTS, add_captioner_arguments, build_captioner, captioner_options,
+                                  captioner_settings, check_precision_arguments)
 from smallcap.cli.options import positive_int
 from smallcap.data import dataset_images
 from smallcap.errors import SmallCapError
@@ -47,24 +47,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run, validate=check_precision_arguments)
 
 
-# Settings added to the record after files were made without them, and the value those files were made with.
-RECORDED_DEFAULTS = {"quantize": "none"}
-
-
-def run_settings(args) -> dict:
-    """What decides the captions of a run (model, retrieval, decoding, video tiling), as recorded with --out."""
-
-    def absolute(path):
-        return None if path is None else str(Path(path).expanduser().resolve()) if Path(path).exists() else str(path)
-
-    return {"model": absolute(args.model), "tokenizer": args.tokenizer, "image_processor": args.image_processor,
-            "dtype": args.dtype, "quantize": args.quantize, "retrieval": not args.no_retrieval,
-            "datastore": None if not args.datastore else [absolute(d) for d in args.datastore],
-            "retrieval_encoder": args.retrieval_encoder, "retrieved": absolute(args.retrieved), "k": args.k,
-            "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
-            "video": [args.frames, args.rows, args.cols]}
-
-
 def run(args) -> int:
     """Predict; exit code 1 if some images could not be captioned (they are retried on a re-run)."""
     from smallcap.prediction import check_resume_settings, predict
@@ -75,7 +57,8 @@ def run(args) -> int:
     if len(args.data) > 1:
         raise SmallCapError(f"{len(args.data)} DATA inputs given; several inputs need --engine ray")
     images = dataset_images(args.data[0], split=args.split, images_dir=args.images_dir, format=args.format)
-    check_resume_settings(args.out, run_settings(args), overwrite=args.overwrite, recorded_defaults=RECORDED_DEFAULTS)
+    check_resume_settings(args.out, captioner_settings(args), overwrite=args.overwrite,
+                          recorded_defaults=RECORDED_DEFAULTS)
     captioner = build_captioner(args)
     features = None
     if args.features is not None:
