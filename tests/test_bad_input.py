@@ -201,6 +201,16 @@ def test_oversized_image_is_a_per_input_error_and_the_rest_run(folder, capsys, t
     assert sorted(r["image_id"] for r in json.loads(preds.read_text())) == sorted(int(p.stem) for p in GOOD)
 
 
+def test_retrieve_goes_on_past_an_unreadable_image_and_names_it(folder, capsys, tmp_path):
+    out = tmp_path / "retrieved.json"
+    code, stdout, err = run(capsys, "datastore", "retrieve", "mini-source", "--data", folder, "--keep", "3",
+                            "--no-exclude-own", "--out", out)
+    assert code == 1 and "image bomb:" in err and "20000x20000" in err and "1 could not be read" in stdout, err
+    retrieved = json.loads(out.read_text())
+    assert sorted(retrieved) == sorted(str(int(p.stem)) for p in GOOD)
+    assert all(len(captions) == 3 for captions in retrieved.values())
+
+
 def test_max_image_pixels_sets_the_limit(capsys, tmp_path):
     out = tmp_path / "c.jsonl"
     code, _, _ = run(capsys, "caption", GOOD[0], *MODEL, "--output", out, "--max-image-pixels", "1000")
@@ -442,6 +452,7 @@ README_CASES = {  # README row (first cell) -> the test above that shows it
     "Ctrl-C during `caption --output`": "test_interrupted_caption",
     "rerun of `predict` or `caption --output` with other settings": "test_predict_and_caption_refuse_to_resume",
     "`datastore search` with several `--text`/`--image`, some unreadable": "test_search_answers_every_query",
+    "`datastore retrieve` over images some of which are unreadable": "test_retrieve_goes_on_past",
     "`datastore search --image clip.mp4`": "test_search_and_caption_read_a_video",
     "Hub id without network": "test_unreachable_hub_fails_fast",
     "length filter dropping most captions": "test_datastore_for_a_model_filters",

@@ -225,15 +225,18 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
-    """`datastore retrieve`."""
+    """`datastore retrieve`; exit code 1 if some images could not be read (the others are retrieved for)."""
     from smallcap.retrieval.retriever import retrieve_for_dataset
 
+    unreadable: dict[str, str] = {}
     retrieved = retrieve_for_dataset(args.directories, args.data, args.out, split=args.split,
                                      images_dir=args.images_dir, encoder=args.encoder, k=args.k, keep=args.keep,
                                      exclude_own=args.exclude_own, batch_size=args.batch_size,
-                                     device=_device(args.device))
+                                     device=_device(args.device), unreadable=unreadable)
     short = sum(len(captions) < args.keep for captions in retrieved.values())
     print(f"{args.out}: retrieved captions for {len(retrieved)} images"
-          + (f" ({short} with fewer than {args.keep})" if short else ""))
-    return 0
-
+          + (f" ({short} with fewer than {args.keep})" if short else "")
+          + (f"; {len(unreadable)} could not be read" if unreadable else ""))
+    for image_id, reason in unreadable.items():
+        print(f"smallcap datastore retrieve: image {image_id}: {reason}", file=sys.stderr)
+    return 1 if unreadable else 0

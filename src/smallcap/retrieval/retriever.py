@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from smallcap.data import dataset_images
+from smallcap.data import dataset_images, image_id_key
+from smallcap.errors import SmallCapError
 from smallcap.images import load_image
 from smallcap.retrieval.datastore import Datastore, MultiDatastore, load_datastores, retrieve_for_training
 from smallcap.retrieval.encoders import HFCLIPEncoder, RetrievalEncoder, load_encoder
@@ -61,21 +62,35 @@ class DatastoreRetriever:
 def retrieve_for_dataset(directories: Sequence[str], data: str, out_path: str | None = None, *,
                          split: str | None = None, images_dir: str | None = None, encoder: str | None = None,
                          k: int = 15, keep: int = 7, exclude_own: bool = True, batch_size: int = 256,
-                         device: str = "cpu", progress: bool = True) -> dict[str, list[str]]:
+                         device: str = "cpu", progress: bool = True,
+                         unreadable: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Retrieved captions for every image of a dataset split, in the `{image_id: [captions]}` file `train` reads.
 
     The images of `split` of `data` (found as `smallcap predict` finds them) are embedded with `encoder`
     (default: the datastores'), and `retrieve_for_training` keeps, of each image's `k` nearest captions, the
-    first `keep` not describing the image itself (`exclude_own`).
+    first `keep` not describing the image itself (`exclude_own`). An image that cannot be read raises, or, when
+    `unreadable` is given, is left out and recorded there as {image id: reason} while the others go on.
     """
     store = load_datastores(list(directories))
     query_encoder = load_encoder(encoder or store.encoder_name, device=device)
     store.check_encoder(query_encoder)
     images = dataset_images(data, split=split, images_dir=images_dir)
-    embeddings = [np.zeros((0, store.dim), np.float32)]
+    embeddings, embedded = [np.zeros((0, store.dim), np.float32)], []
     for start in tqdm(range(0, len(images), batch_size), desc="embedding images", unit="batch",
                       disable=not progress or len(images) <= batch_size):
-        batch = [load_image(path) for _, path in images[start:start + batch_size]]
-        embeddings.append(query_encoder.embed_images(batch, batch_size=batch_size))
-    return retrieve_for_training(store, np.concatenate(embeddings), [image_id for image_id, _ in images], out_path,
+        batch = []
+        for image_id, path in images[start:start + batch_size]:
+            try:
+                batch.append(load_image(path))
+            except SmallCapError as error:
+                if unreadable is None:
+                    raise
+                unreadable[image_id_key(image_id)] = str(error)
+                continue
+            embedded.append(image_id)
+        if batch:
+            embeddings.append(query_encoder.embed_images(batch, batch_size=batch_size))
+    if not embedded:
+        raise SmallCapError(f"{data}: none of the {len(images)} images could be read")
+    return retrieve_for_training(store, np.concatenate(embeddings), embedded, out_path,
                                  k=k, keep=keep, exclude_own=exclude_own, progress=progress)
