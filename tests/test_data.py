@@ -333,3 +333,38 @@ def test_training_table_rows_must_name_their_image(tmp_path):
     text.write_text("a cat\n")
     with pytest.raises(SmallCapError, match="text captions cannot be trained on"):
         read_training_samples(text)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
+def test_an_image_list_is_read_alike_by_predict_and_the_ray_planner(tmp_path, suffix):
+    """A table of paths (no captions) is what to caption: `dataset_images` (local predict) and the Ray job's
+    planner read it through the one `read_image_table`, with the same ids and files."""
+    from smallcap.scale.sources import plan_shards
+
+    files = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:3]
+    rows = [{"path": str(files[0]), "key": "first"}, {"path": str(files[1]), "key": ""},
+            {"path": files[2].name, "key": "third"}]
+    table = tmp_path / f"list{suffix}"
+    if suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), table)
+    else:
+        delimiter = "\t" if suffix == ".tsv" else ","
+        with open(table, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["path", "key"], delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(rows)
+    expected = [("first", files[0]), (int(files[1].stem), files[1]), ("third", files[2])]
+    # Relative paths are under --images-dir (here the images' folder), absolute ones as they are.
+    assert dataset_images(table, images_dir=files[2].parent) == expected
+    planned = [item for shard in plan_shards([str(table)], images_dir=str(files[2].parent)) for item in shard.items]
+    assert planned == [(image_id, str(file)) for image_id, file in expected]
+    with pytest.raises(SmallCapError, match="image files not found"):
+        dataset_images(table)  # the relative path is not beside the table
+    bad = tmp_path / f"bad{suffix}"
+    if suffix != ".parquet":
+        bad.write_text("name\nx.jpg\n")
+        with pytest.raises(SmallCapError, match=r"no image path column \(expected one of path, image"):
+            dataset_images(bad)

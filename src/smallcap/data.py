@@ -28,6 +28,9 @@ Text rules (`TEXT_RULES`, the `text=` option), one per use:
   the reference builds its training targets and its datastore; training (`smallcap.training_data`) reads
   Karpathy files this way. Other formats have no tokens and read as raw.
 
+An image list (no captions: what to caption) is a Parquet/CSV/TSV table with a path column (`PATH_COLUMNS`) and
+optionally an id column (`ID_COLUMNS`; default: the file stem), read by `read_image_table`.
+
 Image ids follow one rule everywhere (`parse_image_id`, `image_id_key`: ids compare as strings, a digit string
 is the int it spells), and `dataset_images` finds the image or video file of each id, for predict, training
 retrieval and the Ray jobs.
@@ -45,11 +48,16 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from smallcap.errors import SmallCapError
 from smallcap.images import expand_inputs, find_media
+from smallcap.io import require_parquet
 
 FORMATS = ("text", "json", "coco", "karpathy", "msrvtt", "jsonl", "csv", "parquet")
 EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
               ".parquet": "parquet", ".pq": "parquet"}
 IMAGE_COLUMNS = ("image", "image_file", "file_name", "filename", "image_path")
+# An image list (`read_image_table`): a table with a path column and optionally an id column, no captions.
+PATH_COLUMNS = ("path", *IMAGE_COLUMNS)
+ID_COLUMNS = ("image_id", "id", "key")
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
 # Which text of a caption a use reads. The reference builds both its training targets and its datastore from
 # Karpathy's tokens; evaluation always scores against the raw references.
 TEXT_RULES = {"raw": "the caption as written, whitespace collapsed (evaluation references, other formats)",
@@ -425,6 +433,59 @@ def _read_msrvtt(path: Path, data: dict) -> Iterator[CaptionRecord]:
         yield CaptionRecord(clean_caption(sentence["caption"]), video_id, str(path), None, splits.get(video_id))
 
 
+def _table_rows(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
+    """The columns of a Parquet/CSV/TSV table and its rows, each with where it is (`file:line` or `file, row N`)."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        require_parquet(f"Reading {path}")
+        import pyarrow.parquet as pq
+
+        try:
+            content = pq.read_table(path)
+        except Exception as error:  # pyarrow raises its own ArrowInvalid/OSError family
+            raise SmallCapError(f"{path}: not readable as Parquet ({error})") from None
+        return content.column_names, ((f"{path}, row {n}", row) for n, row in enumerate(content.to_pylist()))
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            columns = list(reader.fieldnames or [])
+            rows = [(f"{path}:{reader.line_num}", row) for row in reader]
+    except UnicodeDecodeError:
+        raise SmallCapError(f"{path}: not valid UTF-8") from None
+    except csv.Error as error:
+        raise SmallCapError(f"{path}: malformed CSV ({error})") from None
+    return columns, iter(rows)
+
+
+def table_columns(path: str | os.PathLike) -> list[str]:
+    """The column names of a Parquet/CSV/TSV table."""
+    return _table_rows(Path(path))[0]
+
+
+def read_image_table(path: str | os.PathLike,
+                     images_dir: str | os.PathLike | None = None) -> list[tuple[ImageId, str]]:
+    """(id, file) pairs from an image list: a Parquet/CSV/TSV table with a path column (`PATH_COLUMNS`) and
+    optionally an id column (`ID_COLUMNS`; default: the file stem). Relative paths are under `images_dir`, else
+    the table's folder."""
+    path = Path(path)
+    columns, rows = _table_rows(path)
+    path_column = next((name for name in PATH_COLUMNS if name in columns), None)
+    if path_column is None:
+        raise SmallCapError(f"{path}: no image path column (expected one of {', '.join(PATH_COLUMNS)}; "
+                            f"columns: {', '.join(map(str, columns)) or 'none'})")
+    id_column = next((name for name in ID_COLUMNS if name in columns), None)
+    root = Path(images_dir) if images_dir is not None else path.parent
+    pairs = []
+    for where, row in rows:
+        if not row.get(path_column):
+            raise SmallCapError(f"{where}: empty {path_column!r}; expected the path of an image or video")
+        file = root / str(row[path_column])
+        image_id = row.get(id_column) if id_column is not None else None
+        if image_id in (None, ""):
+            image_id = file.stem
+        pairs.append((parse_image_id(image_id) if isinstance(image_id, str) else image_id, str(file)))
+    return pairs
+
+
 def default_image_root(path: str | os.PathLike) -> Path:
     """Where the image files of a caption file are by default: for COCO's `annotations/captions_<name>.json`,
     the sibling folder `<name>/` (e.g. `val2017/`) if it exists, else the caption file's own folder."""
@@ -438,7 +499,8 @@ def default_image_root(path: str | os.PathLike) -> Path:
 def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir: str | os.PathLike | None = None,
                    format: str | None = None) -> list[tuple[ImageId, Path]]:
     """The (image id, file) pairs to caption: a folder of images/videos (id = file stem, as an int when it is
-    digits), or the images of `split` in a caption file (Karpathy, COCO, JSONL/CSV with an image column,
+    digits), an image list (`read_image_table`: a Parquet/CSV/TSV table with a path column and no caption
+    column), or the images of `split` in a caption file (Karpathy, COCO, JSONL/CSV with an image column,
     MSR-VTT), found under `images_dir` (default: `default_image_root`)."""
     data = Path(data)
     if data.is_dir():
@@ -447,7 +509,13 @@ def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir
         raise SmallCapError(f"{data}: no such file or directory")
     root = Path(images_dir) if images_dir is not None else default_image_root(data)
     pairs: dict[ImageId, Path] = {}
-    for record in read_captions(data, format=format, splits=None if split is None else [split]):
+    if format is None and data.suffix.lower() in TABLE_SUFFIXES and "caption" not in table_columns(data):
+        for image_id, file in read_image_table(data, images_dir):  # an image list
+            pairs.setdefault(image_id, Path(file))
+        records = ()
+    else:
+        records = read_captions(data, format=format, splits=None if split is None else [split])
+    for record in records:
         if record.image_id in pairs or (split is not None and record.split not in (None, split)):
             continue
         path = root / record.image_file if record.image_file else find_media(root, record.image_id)

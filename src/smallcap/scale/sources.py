@@ -6,9 +6,8 @@ An input is one of:
   image id is the key; each tar is one input shard;
 - a folder of images/videos, a glob (`photos/*.jpg`), or a single image/video file; ids are file stems (an
   int when all digits, as `smallcap predict` does);
-- a Parquet/CSV/TSV table with a path column (`path` or one of `smallcap.data.IMAGE_COLUMNS`) and optionally an
-  id column (`image_id`, `id` or `key`; default: the file stem); relative paths are under `images_dir`, else the
-  table's folder;
+- an image list: a Parquet/CSV/TSV table with a path column and optionally an id column
+  (`smallcap.data.read_image_table`); relative paths are under `images_dir`, else the table's folder;
 - an annotation file `smallcap predict` reads (Karpathy, COCO, JSONL, MSR-VTT), with `split` and `images_dir`.
 
 Every input may use the brace notation of WebDataset and img2dataset: `shards/{00000..00099}.tar`,
@@ -17,7 +16,6 @@ Every input may use the brace notation of WebDataset and img2dataset: `shards/{0
 
 from __future__ import annotations
 
-import csv
 import glob
 import io
 import re
@@ -27,15 +25,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from smallcap import video
-from smallcap.data import IMAGE_COLUMNS, dataset_images, parse_image_id
+from smallcap.data import TABLE_SUFFIXES, dataset_images, parse_image_id, read_image_table
 from smallcap.errors import SmallCapError
 from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, expand_inputs
-from smallcap.io import require_parquet
 
 ImageId = int | str
-PATH_COLUMNS = ("path", *IMAGE_COLUMNS)
-ID_COLUMNS = ("image_id", "id", "key")
-TABLE_EXTENSIONS = {".parquet", ".pq", ".csv", ".tsv"}
 DEFAULT_SHARD_SIZE = 1000
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -100,43 +94,6 @@ def _resolve(pattern: str) -> list[str]:
     return paths
 
 
-def read_path_table(path: str | Path, images_dir: str | Path | None = None) -> list[tuple[ImageId, str]]:
-    """(id, file) pairs from a Parquet/CSV/TSV table with a path column and optionally an id column."""
-    path = Path(path)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        require_parquet(f"Reading {path}")
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises several unrelated types for a bad file
-            raise SmallCapError(f"{path}: not readable as Parquet ({error})") from None
-        columns = list(rows[0]) if rows else []
-    else:
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
-    path_column = next((name for name in PATH_COLUMNS if name in columns), None)
-    if path_column is None:
-        raise SmallCapError(f"{path}: no image path column (expected one of {', '.join(PATH_COLUMNS)}; "
-                            f"columns: {', '.join(map(str, columns)) or 'none'})")
-    id_column = next((name for name in ID_COLUMNS if name in columns), None)
-    root = Path(images_dir) if images_dir is not None else path.parent
-    pairs = []
-    for number, row in enumerate(rows, start=2 if path.suffix.lower() in (".csv", ".tsv") else 0):
-        if not row.get(path_column):
-            raise SmallCapError(f"{path}: row {number} has an empty {path_column!r}")
-        file = root / str(row[path_column])
-        if id_column is not None and row.get(id_column) not in (None, ""):
-            image_id = row[id_column]
-            image_id = parse_image_id(image_id) if isinstance(image_id, str) else image_id
-        else:
-            image_id = parse_image_id(file.stem)
-        pairs.append((image_id, str(file)))
-    return pairs
-
-
 def _loose_items(path: str, split: str | None, images_dir: str | None, format: str | None):
 
     suffix = Path(path).suffix.lower()
@@ -144,8 +101,8 @@ def _loose_items(path: str, split: str | None, images_dir: str | None, format: s
         return [(image_id, str(file)) for image_id, file in dataset_images(path)]
     if suffix in IMAGE_EXTENSIONS or suffix in video.VIDEO_EXTENSIONS:
         return [(parse_image_id(Path(file).stem), str(file)) for file in expand_inputs([path])]
-    if suffix in TABLE_EXTENSIONS and format is None:
-        return read_path_table(path, images_dir)
+    if suffix in TABLE_SUFFIXES and format is None:
+        return read_image_table(path, images_dir)
     return [(image_id, str(file)) for image_id, file in dataset_images(path, split, images_dir, format)]
 
 
