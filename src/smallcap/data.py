@@ -301,10 +301,9 @@ def _read_csv(path: Path, table: _TableOptions) -> Iterator[CaptionRecord]:
 
 def _read_parquet(path: Path, table: _TableOptions) -> Iterator[CaptionRecord]:
     column, id_column, image_column = table.column, table.id_column, table.image_column
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SmallCapError(f"reading {path} needs pyarrow: pip install 'smallcap[parquet]'") from None
+    require_parquet(f"Reading {path}")
+    import pyarrow.parquet as pq
+
     try:
         content = pq.read_table(path)
     except Exception as error:  # pyarrow raises its own ArrowInvalid/OSError family

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
-from smallcap.errors import SmallCapError
+from smallcap.errors import SmallCapError, require_extra
 
 
 def _umask() -> int:
@@ -136,8 +136,6 @@ def is_parquet(path: str | os.PathLike) -> bool:
 def require_parquet(purpose: str):
     """The `pyarrow` module with Parquet support, or MissingExtraError naming `pip install 'smallcap[parquet]'`;
     call it before any work whose output is Parquet (`purpose`: "Writing preds.parquet")."""
-    from smallcap.errors import require_extra
-
     require_extra("pyarrow.parquet", "parquet", purpose)
     import pyarrow
 
@@ -174,8 +172,6 @@ def atomic_write_parquet(path: str | os.PathLike, rows: list[dict[str, Any]], co
 def read_parquet_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a Parquet table as dicts, null cells left out (the inverse of `atomic_write_parquet`).
     Raises SmallCapError for a file that is missing or not Parquet."""
-    from smallcap.errors import SmallCapError
-
     require_parquet(f"Reading {Path(path).name}")
     import pyarrow.parquet as pq
 
