@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from conftest import COCO_MINI, COCO_VAL_CAPTIONS
+from conftest import COCO_MINI, COCO_VAL_CAPTIONS, run_cli
 
 from smallcap.data import CaptionRecord, clean_caption, dataset_images, image_id_key, read_caption_files, read_captions
 from smallcap.errors import SmallCapError
@@ -363,6 +363,13 @@ def test_an_image_list_is_read_alike_by_predict_and_the_ray_planner(tmp_path, su
     assert planned == [(image_id, str(file)) for image_id, file in expected]
     with pytest.raises(SmallCapError, match="image files not found"):
         dataset_images(table)  # the relative path is not beside the table
+    if suffix == ".csv":  # and the way a user gives one to predict
+        out = tmp_path / "preds.json"
+        run_cli("predict", table, "--images-dir", files[2].parent, "--model", "mini", "--no-retrieval",
+                "--num-beams", "1", "--max-new-tokens", "5", "--out", out)
+        preds = json.loads(out.read_text())
+        assert [row["image_id"] for row in preds] == [image_id for image_id, _ in expected]
+        assert all(row["caption"] for row in preds)
     bad = tmp_path / f"bad{suffix}"
     if suffix != ".parquet":
         bad.write_text("name\nx.jpg\n")
