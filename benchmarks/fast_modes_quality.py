@@ -1,6 +1,7 @@
 """Caption quality of the fast modes on trained models: exact-caption agreement with float32 and CIDEr difference.
 
-For each mode (float32, `--dtype bfloat16`, `--quantize int8`) the bundled `mini` model (small-preset miniature
+For each mode (float32, `--dtype bfloat16`, `--quantize int8`, and for comparison `--dtype bfloat16` as it was
+before its logits were computed in float32) the bundled `mini` model (small-preset miniature
 world, seed 0) captions the test sets below through the public commands, `smallcap predict` then `smallcap
 evaluate` (run in this process via `smallcap.cli.main`, the same code the command line runs):
 
@@ -22,12 +23,15 @@ torch and faiss run on one thread (fast-mode kernels, and so captions, can depen
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from PIL import Image
@@ -35,8 +39,24 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SMALLCAP_SHARED", REPO.parent / "shared"))
 COCO_MINI = SHARED / "data" / "coco-mini"
-MODES = {"float32": [], "bfloat16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"]}
+BF16_LOGITS = "bfloat16, logits in bfloat16 (before)"
+MODES = {"float32": [], "bfloat16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"],
+         BF16_LOGITS: ["--dtype", "bfloat16"]}
 METRICS = ("BLEU-4", "CIDEr")
+
+
+@contextlib.contextmanager
+def precision_variant(mode: str):
+    """The before-row: `--dtype bfloat16` as it was before its logits were computed in float32 (everything in
+    bfloat16), for comparison only; every other mode runs the commands unchanged."""
+    if mode != BF16_LOGITS:
+        yield
+        return
+    from smallcap import precision
+
+    with mock.patch.object(precision, "apply_precision",
+                           functools.partial(precision.apply_precision, float32_logits=False)):
+        yield
 
 
 def cli(*args) -> None:
@@ -136,9 +156,11 @@ def run(work: Path, modes: dict[str, list[str]], batch_size: int = 16) -> dict:
         slug = name.replace(" ", "-")
         captions, rows = {}, {}
         for mode, options in modes.items():
-            preds, scores = work / f"{slug}.{mode}.preds.json", work / f"{slug}.{mode}.scores.json"
-            cli("predict", *spec["data"], "--model", "mini", "--datastore", spec["datastore"], *options,
-                "--batch-size", batch_size, "--out", preds, "--overwrite")
+            stem = f"{slug}.{'bfloat16-bf16-logits' if mode == BF16_LOGITS else mode}"
+            preds, scores = work / f"{stem}.preds.json", work / f"{stem}.scores.json"
+            with precision_variant(mode):
+                cli("predict", *spec["data"], "--model", "mini", "--datastore", spec["datastore"], *options,
+                    "--batch-size", batch_size, "--out", preds, "--overwrite")
             cli("evaluate", "--references", *spec["references"], "--predictions", preds, "--out", scores,
                 "--metrics", "BLEU,CIDEr")
             captions[mode] = {row["image_id"]: row["caption"] for row in json.loads(preds.read_text("utf-8"))}
