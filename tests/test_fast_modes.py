@@ -154,16 +154,18 @@ def test_throughput_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     before = torch.get_num_threads()
     try:
         result = benchmark.main(["--tiny", "--images", "3", "--batch-sizes", "2", "3", "--dot-boosts", "3",
-                                 "--threads", "1", "--out", str(tmp_path / "throughput.json")])
+                                 "--threads", "1", "--compare-logits-precision", "--repeats", "2",
+                                 "--out", str(tmp_path / "throughput.json")])
     finally:
         torch.set_num_threads(before)
     modes = [(row["variant"].split(":")[0], row["mode"]) for row in result["rows"]]
     assert modes == [("reference loop", "float32"), ("smallcap exact", "float32"), ("smallcap exact", "float32"),
                      ("smallcap exact, batches sorted by prompt length", "float32"),
-                     ("smallcap bfloat16", "bfloat16"),
+                     ("smallcap bfloat16", "bfloat16"), ("smallcap bfloat16, logits in bfloat16 (before)", "bfloat16"),
                      ("smallcap int8 dynamic quantization (decoder linear layers)", "int8")]
     assert result["rows"][3]["batch_size"] == 2  # sorting is measured where there are several batches
     for row in result["rows"][:4]:  # exact modes: batched decoding gives the reference loop's captions
         assert row["identical_to_reference_loop"] == 1.0 and row["speedup_vs_reference_loop"] > 0
+    assert [len(row.get("seconds_each_repeat", [])) for row in result["rows"]] == [0, 0, 0, 0, 2, 2, 0]
     assert json.loads((tmp_path / "throughput.json").read_text()) == result
     assert "| ×3 | reference loop" in (tmp_path / "throughput.md").read_text()
