@@ -102,9 +102,13 @@ def test_plan_shards_reads_every_input_kind(tmp_path):
         plan_shards([str(tmp_path / "nothing-*.tar")])
     with pytest.raises(SmallCapError, match="given twice"):
         plan_shards([str(IMAGES[0]), str(IMAGES[0])])
+    (tmp_path / "bad.csv").write_text("name\nx.jpg\n")
     with pytest.raises(SmallCapError, match="no image path column"):
-        (tmp_path / "bad.csv").write_text("caption\na dog\n")
         plan_shards([str(tmp_path / "bad.csv")])
+    # A table with a caption column is an annotation file, as for local predict: its images are looked up by id.
+    (tmp_path / "captions.csv").write_text("caption\na dog\n")
+    with pytest.raises(SmallCapError, match="no file for image 0"):
+        plan_shards([str(tmp_path / "captions.csv")])
 
 
 @pytest.mark.slow
