@@ -111,6 +111,18 @@ def test_plan_shards_reads_every_input_kind(tmp_path):
         plan_shards([str(tmp_path / "captions.csv")])
 
 
+def test_worker_pool_options_are_checked_before_any_work(tmp_path):
+    """Both Ray jobs refuse an empty actor pool or a negative GPU share, with the option named, before any work
+    (no cluster is needed)."""
+    from smallcap.scale.datastore import RayShardEmbedder
+
+    with pytest.raises(SmallCapError, match=r"--num-workers must be at least 1 \(got 0\)"):
+        predict_on_ray([], tmp_path / "preds.json", OPTIONS, num_workers=0)
+    with pytest.raises(SmallCapError, match=r"--gpus-per-worker must not be negative \(got -1"):
+        RayShardEmbedder("mini-clip", gpus_per_worker=-1)
+    assert not (tmp_path / "preds.json.shards").exists()
+
+
 @pytest.mark.slow
 def test_ray_predict_matches_local_and_resumes(cluster, local_captions, tmp_path):
     """Tars (brace notation) and a folder through the actor pool: the same captions as single-process predict,
