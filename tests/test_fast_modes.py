@@ -123,6 +123,26 @@ def test_predict_records_the_mode_and_refuses_to_mix_modes(capsys, tmp_path):
     assert smallcap(*base, "--quantize", "int8") == 2
 
 
+def test_predict_refuses_to_resume_bfloat16_output_made_before_float32_logits(capsys, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(IMAGES[0], images)
+    preds = tmp_path / "preds.json"
+    base = ["predict", images, "--model", "mini", "--no-retrieval", "--dtype", "bfloat16", "--out", preds]
+    assert smallcap(*base) == 0
+    record = preds.with_name("preds.json.settings.json")
+    settings = json.loads(record.read_text())
+    assert settings["logits"] == "float32"
+    settings.pop("logits")  # as recorded before bfloat16 computed its logits in float32
+    record.write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert smallcap(*base) == 2
+    assert "logits: None then, 'float32' now" in capsys.readouterr().err
+    settings.update(dtype="float32", quantize="none")  # a float32 record from before knows no "logits" either
+    record.write_text(json.dumps(settings))
+    assert smallcap(*[a for a in base if a not in ("--dtype", "bfloat16")]) == 0
+
+
 def test_server_captions_in_int8_and_says_so(captions):
     pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'smallcap[serve]'")
     import httpx
