@@ -189,3 +189,27 @@ def test_throughput_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert [len(row.get("seconds_each_repeat", [])) for row in result["rows"]] == [0, 0, 0, 0, 2, 2, 0]
     assert json.loads((tmp_path / "throughput.json").read_text()) == result
     assert "| ×3 | reference loop" in (tmp_path / "throughput.md").read_text()
+
+
+def test_quality_benchmark_regenerates_the_bundles_world(tmp_path, monkeypatch):
+    """benchmarks/fast_modes_quality.py measures the bundled model on its own miniature world's test images, which
+    it regenerates from the bundle's seed and preset: that world must be the bundle's, and another one is refused."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("fast_modes_quality", REPO / "benchmarks/fast_modes_quality.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    world = benchmark.regenerate_world(tmp_path / "world")
+    recorded = benchmark.bundle_record()["world"]["pretraining_metrics"]["retrieval"]
+    checks = json.loads((world / "checks.json").read_text())
+    for domain in ("source", "target"):
+        assert checks["retrieval_metrics"][domain]["recall@1"] == recorded[domain]["recall@1"]
+        entries = json.loads((world / domain / f"dataset_{domain}.json").read_text())["images"]
+        assert sum(entry["split"] == "test" for entry in entries) == 30
+    record = benchmark.bundle_record()
+    record["config"]["seed"] = 1  # a different world
+    monkeypatch.setattr(benchmark, "bundle_record", lambda: record)
+    with pytest.raises(RuntimeError, match="differs from the bundle's sample"):
+        benchmark.regenerate_world(tmp_path / "other")
