@@ -113,14 +113,19 @@ def karpathy_file(world_dir: Path, world: dict, domain: str) -> Path:
     return world_dir / world["domains"][domain]["karpathy"]
 
 
+def retrieval_encoder(world_dir: Path, world: dict) -> Path:
+    """The world's retrieval encoder: its separate retriever when it has one, else the captioning mini CLIP."""
+    return world_dir / world["models"].get("retriever", world["models"]["clip"])
+
+
 def build_datastores(world_dir: Path, world: dict, out_dir: Path) -> dict[str, Path]:
-    """A datastore per domain from its training captions, embedded with the world's mini CLIP."""
+    """A datastore per domain from its training captions, embedded with the world's retrieval encoder."""
     stores = {}
     for domain in world["domains"]:
         stores[domain] = out_dir / domain
         if not (stores[domain] / "manifest.json").is_file():
             cli("datastore", "build", karpathy_file(world_dir, world, domain), "--out", stores[domain], "--overwrite",
-                "--encoder", world_dir / world["models"]["clip"], "--tokenizer", world_dir / world["models"]["gpt2"])
+                "--encoder", retrieval_encoder(world_dir, world), "--tokenizer", world_dir / world["models"]["gpt2"])
     return stores
 
 

@@ -3,7 +3,10 @@
 Layout of the output directory:
   world.json                      seed, sizes, domains and their words, token ids, recipes, metrics, timings
   source/, target/                per domain: images/, dataset_DOMAIN.json, captions_{train,val,test}.json
-  models/clip/                    CLIPModel + CLIPTokenizer + CLIPImageProcessor (from_pretrained-ready)
+  models/clip/                    CLIPModel + CLIPTokenizer + CLIPImageProcessor (from_pretrained-ready): the
+                                  captioning encoder
+  models/retriever/               (when the recipe has one) a second, stronger mini CLIP used only to retrieve,
+                                  as the paper retrieves with a larger CLIP than it encodes with
   models/gpt2/                    GPT2LMHeadModel + GPT2Tokenizer ("!" = 0 pad, "." = 13 end)
 """
 
@@ -45,6 +48,7 @@ class WorldRecipe:
     web_images_per_domain: int = 12000  # pretraining images for CLIP and GPT-2, disjoint from the dataset
     shape_variants: int = 3  # web images come in groups differing only in shape (CLIP's hard negatives)
     clip: ClipRecipe = field(default_factory=ClipRecipe)
+    retriever: ClipRecipe | None = None  # a separate retrieval encoder; None: retrieve with `clip`
     lm: LMRecipe = field(default_factory=LMRecipe)
 
 
@@ -93,6 +97,14 @@ def build_world(out_dir: str | Path, seed: int = 0, recipe: WorldRecipe | None =
         lap("clip")
         retrieval = _retrieval_report(tmp / "models" / "clip", images, seed)
         lap("clip_eval")
+        if recipe.retriever is not None:
+            retriever = train_clip(web_pixels, [i.captions for i in web], clip_tokenizer, recipe.retriever, seed=seed,
+                                   group_size=recipe.shape_variants, progress=progress)
+            retriever.save_pretrained(tmp / "models" / "retriever")
+            clip_tokenizer.save_pretrained(tmp / "models" / "retriever")
+            image_processor().save_pretrained(tmp / "models" / "retriever")
+            retriever_report = _retrieval_report(tmp / "models" / "retriever", images, seed)
+            lap("retriever")
 
         lm = train_lm(web, gpt2_tokenizer, recipe.lm, seed=seed, progress=progress)
         lm.save_pretrained(tmp / "models" / "gpt2")
@@ -105,6 +117,8 @@ def build_world(out_dir: str | Path, seed: int = 0, recipe: WorldRecipe | None =
         lap("gpt2_eval")
 
         report = _world_json(seed, recipe, images, gpt2_tokenizer, retrieval, language, timings)
+        if recipe.retriever is not None:
+            report["metrics"]["retriever_retrieval"] = retriever_report
         report["timings_s"]["total"] = round(time.perf_counter() - started, 2)
         atomic_write_json(tmp / "world.json", report)
     return report
@@ -134,7 +148,8 @@ def _world_json(seed, recipe, images, gpt2_tokenizer, retrieval, language, timin
                            "coco_annotations": {s: f"{name}/captions_{s}.json" for s in SPLITS},
                            "coco_image_dir": f"{name}/images"}
                     for name, d in DOMAINS.items()},
-        "models": {"clip": "models/clip", "gpt2": "models/gpt2"},
+        "models": {"clip": "models/clip", "gpt2": "models/gpt2",
+                   **({"retriever": "models/retriever"} if recipe.retriever is not None else {})},
         "prompt": {"head": PROMPT_HEAD, "tail": PROMPT_TAIL},
         "tokens": {"pad": "!", "pad_token_id": gpt2_tokenizer.convert_tokens_to_ids("!"),
                    "end": ".", "eos_token_id": gpt2_tokenizer.convert_tokens_to_ids("."),
@@ -158,5 +173,5 @@ def recipe_with(preset: str, images_per_domain: int | None = None, web_images_pe
     return WorldRecipe(images_per_domain=images_per_domain or base.images_per_domain,
                        web_images_per_domain=web_images_per_domain or base.web_images_per_domain,
                        shape_variants=base.shape_variants,
-                       clip=replace(base.clip, steps=clip_steps or base.clip.steps),
+                       clip=replace(base.clip, steps=clip_steps or base.clip.steps), retriever=base.retriever,
                        lm=replace(base.lm, steps=lm_steps or base.lm.steps))
