@@ -136,11 +136,12 @@ def test_throughput_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
         torch.set_num_threads(before)
     modes = [(row["variant"].split(":")[0], row["mode"]) for row in result["rows"]]
     assert modes == [("reference loop", "float32"), ("smallcap exact", "float32"), ("smallcap exact", "float32"),
+                     ("smallcap exact, earlier path", "float32"),
                      ("smallcap exact, batches sorted by prompt length", "float32"),
                      ("smallcap bfloat16", "bfloat16"),
                      ("smallcap int8 dynamic quantization (decoder linear layers)", "int8")]
-    assert result["rows"][3]["batch_size"] == 2  # sorting is measured where there are several batches
-    for row in result["rows"][:4]:  # exact modes: batched decoding gives the reference loop's captions
+    assert result["rows"][4]["batch_size"] == 2  # sorting is measured where there are several batches
+    for row in result["rows"][:5]:  # exact modes: batched decoding gives the reference loop's captions
         assert row["identical_to_reference_loop"] == 1.0 and row["speedup_vs_reference_loop"] > 0
     assert json.loads((tmp_path / "throughput.json").read_text()) == result
     assert "| ×3 | reference loop" in (tmp_path / "throughput.md").read_text()
