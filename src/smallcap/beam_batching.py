@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import BaseModelOutput
 
 from smallcap.modeling import SmallCapDecoder
 from smallcap.prompt import left_pad
@@ -60,7 +59,10 @@ class _Slots:
         head_dim = config.n_embd // heads
         cross = self.transformer.h[0].crossattention
         layers = len(self.transformer.h)
-        device, dtype = model.device, model.dtype
+        # Attention runs in float32 whatever the weights' dtype: on CPU its small batched products and softmax are
+        # slower in bfloat16, and they are more precise this way (the linear layers keep the model's dtype).
+        device, dtype = model.device, torch.float32
+        self.dtype = model.dtype
         rows = slots * self.beams
         self.width = prompt_width
         self.prompt_k = torch.zeros(layers, slots, heads, prompt_width, head_dim, device=device, dtype=dtype)
@@ -88,14 +90,13 @@ class _Slots:
              encoder_states: torch.Tensor) -> torch.Tensor:
         """Prefill the prompts of `images` into `slots`; returns the last prompt position's logits (one row each)."""
         input_ids, mask, positions = (t.to(self.model.device) for t in left_pad([prompts[i] for i in images]))
-        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[images]),
-                         decoder_input_ids=input_ids, decoder_attention_mask=mask, decoder_position_ids=positions,
-                         decoder_logits_to_keep=1, use_cache=True)
+        out = self.transformer(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                               encoder_hidden_states=encoder_states[images], use_cache=True)
         self_cache, cross_cache = out.cache.self_attention_cache, out.cache.cross_attention_cache
-        keys = torch.stack([layer.keys for layer in self_cache.layers])  # (layers, n, heads, width, head_dim)
-        values = torch.stack([layer.values for layer in self_cache.layers])
-        cross_k = torch.stack([layer.keys for layer in cross_cache.layers])
-        cross_v = torch.stack([layer.values for layer in cross_cache.layers])
+        keys = torch.stack([layer.keys for layer in self_cache.layers]).float()  # (layers, n, heads, width, head_dim)
+        values = torch.stack([layer.values for layer in self_cache.layers]).float()
+        cross_k = torch.stack([layer.keys for layer in cross_cache.layers]).float()
+        cross_v = torch.stack([layer.values for layer in cross_cache.layers]).float()
         if self.cross_k is None:
             shape = (cross_k.shape[0], self.count, *cross_k.shape[2:])
             self.cross_k = cross_k.new_zeros(shape)
@@ -116,7 +117,9 @@ class _Slots:
             self.finished[slot] = []
             self.scores[slot] = _NOT_RUNNING
             self.scores[slot, 0] = 0  # only the first beam runs at first: the beams start identical
-        return out.logits[:, -1]
+        # (the LM head on the last position only, as a plain matrix product: transformers' `logits_to_keep` slice
+        # goes through a batched product that copies the whole LM head once per image)
+        return self.lm_head(out.last_hidden_state[:, -1].contiguous())
 
     def keep(self, slots: list[int]) -> None:
         """Drop every slot not in `slots` (in that order) from the batch."""
@@ -146,8 +149,9 @@ class _Slots:
         write_at = torch.arange(rows, device=step.device) * self.max_new + step - 1
         t = self.transformer
         hidden = (t.wte(last) + t.wpe(positions))[:, None]  # (rows, 1, width)
-        generated = torch.arange(self.max_new, device=step.device)
-        gen_bias = torch.zeros(rows, self.max_new, 1, dtype=hidden.dtype, device=hidden.device)
+        upto = int(self.step.max())  # generated positions any row can see (the rest is masked for all)
+        generated = torch.arange(upto, device=step.device)
+        gen_bias = torch.zeros(rows, upto, 1, device=hidden.device)
         gen_bias.masked_fill_(generated[None, :, None] > (step - 1)[:, None, None], float("-inf"))
         prompt_bias = self.prompt_bias[:, None, None, :]
         width = hidden.shape[-1]
@@ -155,28 +159,28 @@ class _Slots:
             attn = block.attn
             heads = attn.num_heads
             head_dim = width // heads
-            q, k, v = attn.c_attn(block.ln_1(hidden)).split(width, dim=2)
-            gen_k, gen_v = self.gen_k[layer], self.gen_v[layer]  # (rows, max_new, heads, head_dim)
-            gen_k.view(-1, heads, head_dim).index_copy_(0, write_at, k.view(rows, heads, head_dim))
-            gen_v.view(-1, heads, head_dim).index_copy_(0, write_at, v.view(rows, heads, head_dim))
+            q, k, v = attn.c_attn(block.ln_1(hidden)).float().split(width, dim=2)
+            self.gen_k[layer].view(-1, heads, head_dim).index_copy_(0, write_at, k.view(rows, heads, head_dim))
+            self.gen_v[layer].view(-1, heads, head_dim).index_copy_(0, write_at, v.view(rows, heads, head_dim))
+            gen_k, gen_v = self.gen_k[layer][:, :upto], self.gen_v[layer][:, :upto]  # (rows, upto, heads, head_dim)
             q = q.view(rows, heads, head_dim)
             # prompt part: the beams of a slot share its prompt keys (slots, heads, prompt width, head_dim)
             prompt_scores = (q.view(slots, beams, heads, head_dim).transpose(1, 2)
                              @ self.prompt_k[layer].transpose(-1, -2)) * attn.scaling + prompt_bias
             # generated part, per row: (rows, max_new, heads)
             gen_scores = (gen_k * q[:, None]).sum(-1) * attn.scaling + gen_bias
-            gen_scores = gen_scores.view(slots, beams, self.max_new, heads).permute(0, 3, 1, 2)
+            gen_scores = gen_scores.view(slots, beams, upto, heads).permute(0, 3, 1, 2)
             weights = torch.softmax(torch.cat([prompt_scores, gen_scores], dim=-1), dim=-1)
             out = weights[..., :self.width] @ self.prompt_v[layer]  # (slots, heads, beams, head_dim)
-            gen_weights = weights[..., self.width:].permute(0, 2, 3, 1).reshape(rows, self.max_new, heads, 1)
+            gen_weights = weights[..., self.width:].permute(0, 2, 3, 1).reshape(rows, upto, heads, 1)
             out = out.transpose(1, 2).reshape(rows, heads, head_dim) + (gen_weights * gen_v).sum(1)
-            hidden = hidden + attn.c_proj(out.reshape(rows, 1, width))
+            hidden = hidden + attn.c_proj(out.reshape(rows, 1, width).to(self.dtype))
             cross = block.crossattention
-            q = cross.q_attn(block.ln_cross_attn(hidden)).view(slots, beams, heads, self.cross_head_dim)
+            q = cross.q_attn(block.ln_cross_attn(hidden)).float().view(slots, beams, heads, self.cross_head_dim)
             q = q.transpose(1, 2)
             weights = torch.softmax(q @ self.cross_k[layer].transpose(-1, -2) * cross.scaling, dim=-1)
             out = (weights @ self.cross_v[layer]).transpose(1, 2).reshape(rows, 1, heads * self.cross_head_dim)
-            hidden = hidden + cross.c_proj(out)
+            hidden = hidden + cross.c_proj(out.to(self.dtype))
             hidden = hidden + block.mlp(block.ln_2(hidden))
         return self.lm_head(t.ln_f(hidden))[:, 0]
 
