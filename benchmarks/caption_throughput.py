@@ -5,9 +5,11 @@ of k=4 real COCO captions, beam 3, 25 new tokens, real COCO images. A random-wei
 the end token's ('.') embedding row is multiplied by a boost: x3 is the in-repo baseline this project has always
 measured, x4 imitates the issue's trained reference checkpoint ('.' row x4, realistic caption lengths). For each
 boost, every variant runs in this one process on the same weights and inputs: the reference loop, smallcap exact
-(float32) at each batch size, batch sorted by prompt length, reduced precision (bfloat16; float16 on GPU) and int8
-dynamic quantization (CPU), and the earlier exact path (one transformers `generate` per batch, run to its longest
-caption) next to the continuous-batching beam search that replaced it. Each row gives its throughput ratio to the reference loop and its exact-caption
+(float32) at each batch size, batch sorted by prompt length, reduced precision (bfloat16; float16 on GPU; logits in
+float32 as `--dtype` does, and with --compare-logits-precision also all in reduced precision) and int8 dynamic
+quantization (CPU), and the earlier exact path (one transformers `generate` per batch, run to its longest caption)
+next to the continuous-batching beam search that replaced it. Each row gives its throughput ratio to the reference
+loop and its exact-caption
 agreement with it (and with exact batched smallcap, for images beyond the reference loop's share).
 
     python benchmarks/caption_throughput.py [--images 16] [--batch-sizes 1 8 16] [--threads 2]
@@ -35,7 +37,7 @@ from smallcap.captioner import Captioner
 from smallcap.generation import GenerationSettings, generate_with_transformers
 from smallcap.images import load_image
 from smallcap.modeling import END_TOKEN_ID, SmallCap, SmallCapConfig
-from smallcap.precision import check_precision, quantize_decoder_int8
+from smallcap.precision import apply_precision, check_precision, quantize_decoder_int8
 from smallcap.prompt import clean_caption, load_tokenizer, prompt_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,10 +194,23 @@ def run_boost(args, boost: float, tokenizer, processor, images, retrieved, devic
                len(images))
     del captioner
     for dtype in args.dtypes:
-        fast = captioner_for(build_model(boost, args.tiny).to(device, getattr(torch, dtype)))
-        timed(fast, images[:2], retrieved[:2], 2)
-        captions, seconds = timed(fast, images, retrieved, best)
-        record(f"smallcap {dtype}", best, dtype, captions, seconds, len(images))
+        variants = {f"smallcap {dtype}": True}
+        if args.compare_logits_precision:
+            variants[f"smallcap {dtype}, logits in {dtype} (before)"] = False
+        fast = {name: captioner_for(apply_precision(build_model(boost, args.tiny), str(device), dtype,
+                                                    float32_logits=float32_logits))
+                for name, float32_logits in variants.items()}
+        for captioner in fast.values():
+            timed(captioner, images[:2], retrieved[:2], 2)
+        runs: dict[str, list] = {name: [] for name in fast}
+        for _ in range(args.repeats):  # variants interleaved, so a change in machine load hits them alike
+            for name, captioner in fast.items():
+                runs[name].append(timed(captioner, images, retrieved, best))
+        for name, timings in runs.items():
+            seconds = sorted(s for _, s in timings)
+            record(name, best, dtype, timings[0][0], seconds[len(seconds) // 2], len(images))
+            rows[-1]["seconds_each_repeat"] = [round(s, 2) for _, s in timings]
+        del fast
     if "int8" in args.quantize:
         check_precision(str(device), "float32", "int8")
         fast = captioner_for(quantize_decoder_int8(build_model(boost, args.tiny)))
@@ -220,6 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="reduced-precision variants (default: bfloat16 on CPU, float16 and bfloat16 on GPU)")
     parser.add_argument("--quantize", nargs="*", default=None, choices=["int8"],
                         help="quantized variants (default: int8 on CPU, none on GPU)")
+    parser.add_argument("--compare-logits-precision", action="store_true",
+                        help="also run each reduced-precision variant with its logits in that precision too (as "
+                             "before `Float32Logits`), next to the default float32 logits")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs of each reduced-precision variant, interleaved; rows give the median")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--tiny", action="store_true", help="tiny random architecture (tests this script)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/caption_throughput.json")

@@ -130,23 +130,36 @@ def train_models(world_dir: Path, world: dict, stores: dict[str, Path], out_dir:
 
     Both share one feature cache; training retrieval comes from the source datastore (own captions dropped).
     """
-    data = karpathy_file(world_dir, world, "source")
-    retrieved = out_dir / "retrieved_train.json"
+    return {name: train_model(world_dir, world, stores, out_dir, name, recipe, seed, retrieval=(name == "rag"))
+            for name in ("rag", "plain")}
+
+
+def training_retrieval(world: dict, world_dir: Path, stores: dict[str, Path], out_dir: Path, keep: int = 7) -> Path:
+    """The source training images' retrieved captions, as the reference retrieves them: the nearest 15 captions
+    of the source datastore, the image's own dropped, `keep` kept (7, or k when k is larger). Written once."""
+    retrieved = out_dir / ("retrieved_train.json" if keep == 7 else f"retrieved_train_keep{keep}.json")
     if not retrieved.is_file():
-        cli("datastore", "retrieve", stores["source"], "--data", data, "--split", "train", "--k", 15, "--keep", 7,
-            "--exclude-own", "--out", retrieved)
-    common = ["--split", "train", "--encoder", world_dir / world["models"]["clip"],
-              "--decoder", world_dir / world["models"]["gpt2"], "--features", out_dir / "features",
-              "--epochs", recipe.epochs, "--batch-size", recipe.batch_size, "--lr", recipe.lr,
-              "--reduce-factor", recipe.reduce_factor, "--k", recipe.k, "--seed", seed, "--no-progress"]
-    models = {}
-    for name, retrieval in (("rag", ["--retrieved", retrieved]), ("plain", ["--no-retrieval"])):
-        run_dir = out_dir / name
-        models[name] = run_dir / f"epoch-{recipe.epochs}"
-        if not (models[name] / "config.json").is_file():
-            cli("train", data, "--output-dir", run_dir, *retrieval, *common,
-                *(["--resume"] if any(run_dir.glob("*/training_state")) else []))
-    return models
+        cli("datastore", "retrieve", stores["source"], "--data", karpathy_file(world_dir, world, "source"),
+            "--split", "train", "--k", max(15, keep + 8), "--keep", keep, "--exclude-own", "--out", retrieved)
+    return retrieved
+
+
+def train_model(world_dir: Path, world: dict, stores: dict[str, Path], out_dir: Path, name: str,
+                recipe: TrainingRecipe, seed: int, retrieval: bool = True) -> Path:
+    """One `smallcap train` run on the source domain under `out_dir/name` (resumed if interrupted, reused if
+    finished); returns its final checkpoint."""
+    retrieval_args = (["--retrieved", training_retrieval(world, world_dir, stores, out_dir, keep=max(7, recipe.k))]
+                      if retrieval else ["--no-retrieval"])
+    run_dir = out_dir / name
+    final = run_dir / f"epoch-{recipe.epochs}"
+    if not (final / "config.json").is_file():
+        cli("train", karpathy_file(world_dir, world, "source"), "--output-dir", run_dir, *retrieval_args,
+            "--split", "train", "--encoder", world_dir / world["models"]["clip"],
+            "--decoder", world_dir / world["models"]["gpt2"], "--features", out_dir / "features",
+            "--epochs", recipe.epochs, "--batch-size", recipe.batch_size, "--lr", recipe.lr,
+            "--reduce-factor", recipe.reduce_factor, "--k", recipe.k, "--seed", seed, "--no-progress",
+            *(["--resume"] if any(run_dir.glob("*/training_state")) else []))
+    return final
 
 
 def evaluate_conditions(world_dir: Path, world: dict, stores: dict[str, Path], models: dict[str, Path],

@@ -335,40 +335,61 @@ def test_training_table_rows_must_name_their_image(tmp_path):
         read_training_samples(text)
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
-def test_an_image_list_is_read_alike_by_predict_and_the_ray_planner(tmp_path, suffix):
-    """A table of paths (no captions) is what to caption: `dataset_images` (local predict) and the Ray job's
-    planner read it through the one `read_image_table`, with the same ids and files."""
-    from smallcap.scale.sources import plan_shards
-
-    files = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:3]
-    rows = [{"path": str(files[0]), "key": "first"}, {"path": str(files[1]), "key": ""},
-            {"path": files[2].name, "key": "third"}]
-    table = tmp_path / f"list{suffix}"
-    if suffix == ".parquet":
+def _write_table(path, rows: list[dict]) -> None:
+    """Write `rows` as the table its suffix says: Parquet, TSV or CSV."""
+    if path.suffix == ".parquet":
         pa = pytest.importorskip("pyarrow")
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), table)
-    else:
-        delimiter = "\t" if suffix == ".tsv" else ","
-        with open(table, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, ["path", "key"], delimiter=delimiter)
-            writer.writeheader()
-            writer.writerows(rows)
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
+def test_an_image_list_is_read_alike_by_predict_and_the_ray_planner(tmp_path, suffix):
+    """Local predict (`dataset_images`) and the Ray job's planner decide what a table is by the one rule
+    (`read_image_list`): a table of paths without a caption column is what to caption, with the same ids and files
+    for both; a table with a caption column is an annotation file, whose images of the split both caption."""
+    from smallcap.scale.sources import plan_shards
+
+    def planned(table, **options):
+        return [item for shard in plan_shards([str(table)], **options) for item in shard.items]
+
+    files = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:3]
+    table = tmp_path / f"list{suffix}"
+    _write_table(table, [{"path": str(files[0]), "key": "first"}, {"path": str(files[1]), "key": ""},
+                         {"path": files[2].name, "key": "third"}])
     expected = [("first", files[0]), (int(files[1].stem), files[1]), ("third", files[2])]
     # Relative paths are under --images-dir (here the images' folder), absolute ones as they are.
     assert dataset_images(table, images_dir=files[2].parent) == expected
-    planned = [item for shard in plan_shards([str(table)], images_dir=str(files[2].parent)) for item in shard.items]
-    assert planned == [(image_id, str(file)) for image_id, file in expected]
+    assert planned(table, images_dir=str(files[2].parent)) == [(image_id, str(file)) for image_id, file in expected]
     with pytest.raises(SmallCapError, match="image files not found"):
         dataset_images(table)  # the relative path is not beside the table
+
+    # With a caption column it holds annotations: each image once (not once per caption), in the split asked for.
+    annotated = tmp_path / f"annotated{suffix}"
+    _write_table(annotated, [{"image": file.name, "caption": f"caption {n} of {file.stem}", "split": split}
+                             for file, split in zip(files, ("test", "train", "test")) for n in range(2)])
+    expected = [(files[0].stem, files[0]), (files[2].stem, files[2])]
+    assert dataset_images(annotated, "test", images_dir=files[0].parent) == expected
+    assert planned(annotated, split="test", images_dir=str(files[0].parent)) == \
+        [(image_id, str(file)) for image_id, file in expected]
+
+    twice = tmp_path / f"twice{suffix}"
+    _write_table(twice, [{"path": str(files[0]), "key": "same"}, {"path": str(files[1]), "key": "same"}])
+    for read in (dataset_images, planned):
+        with pytest.raises(SmallCapError, match=r"twice.*: image id 'same' is given twice \(first at "):
+            read(twice)
     if suffix == ".csv":  # and the way a user gives one to predict
         out = tmp_path / "preds.json"
         run_cli("predict", table, "--images-dir", files[2].parent, "--model", "mini", "--no-retrieval",
                 "--num-beams", "1", "--max-new-tokens", "5", "--out", out)
         preds = json.loads(out.read_text())
-        assert [row["image_id"] for row in preds] == [image_id for image_id, _ in expected]
+        assert [row["image_id"] for row in preds] == ["first", int(files[1].stem), "third"]
         assert all(row["caption"] for row in preds)
     bad = tmp_path / f"bad{suffix}"
     if suffix != ".parquet":

@@ -100,3 +100,29 @@ def test_one_version_everywhere():
 
     assert run_cli("--version").stdout.strip() == f"smallcap {smallcap.__version__}"
     assert version("smallcap") == smallcap.__version__  # pyproject reads it from smallcap.__version__
+
+
+def test_the_readme_layout_lists_every_module():
+    """The README's "Project layout" names every module of src/smallcap (a sub-package's modules indented under
+    it, several to a line allowed) and no module that is not there."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Project layout", 1)[1].split("```", 2)[1].strip("\n").splitlines()
+    assert block[0] == "src/smallcap/"
+    listed, folders = set(), {}
+    for line in block[1:]:
+        depth = (len(line) - len(line.lstrip())) // 2
+        if depth == 0:  # tests/ benchmarks/ scripts/: outside the package
+            continue
+        for name in line.split():
+            if not name.endswith((".py", "/")):
+                break  # the description
+            path = "".join(folders[level] for level in range(1, depth)) + name
+            if name.endswith("/"):
+                folders[depth] = name
+            else:
+                listed.add(path)
+    package = REPO / "src" / "smallcap"
+    modules = {path.relative_to(package).as_posix() for path in package.rglob("*.py")
+               if path.name != "__init__.py" or path.parent == package}
+    assert sorted(modules - listed) == [], "modules missing from the README's layout"
+    assert sorted(listed - modules) == [], "the README's layout lists modules that do not exist"

@@ -102,9 +102,25 @@ def test_plan_shards_reads_every_input_kind(tmp_path):
         plan_shards([str(tmp_path / "nothing-*.tar")])
     with pytest.raises(SmallCapError, match="given twice"):
         plan_shards([str(IMAGES[0]), str(IMAGES[0])])
+    (tmp_path / "bad.csv").write_text("name\nx.jpg\n")
     with pytest.raises(SmallCapError, match="no image path column"):
-        (tmp_path / "bad.csv").write_text("caption\na dog\n")
         plan_shards([str(tmp_path / "bad.csv")])
+    # A table with a caption column is an annotation file, as for local predict: its images are looked up by id.
+    (tmp_path / "captions.csv").write_text("caption\na dog\n")
+    with pytest.raises(SmallCapError, match="no file for image 0"):
+        plan_shards([str(tmp_path / "captions.csv")])
+
+
+def test_worker_pool_options_are_checked_before_any_work(tmp_path):
+    """Both Ray jobs refuse an empty actor pool or a negative GPU share, with the option named, before any work
+    (no cluster is needed)."""
+    from smallcap.scale.datastore import RayShardEmbedder
+
+    with pytest.raises(SmallCapError, match=r"--num-workers must be at least 1 \(got 0\)"):
+        predict_on_ray([], tmp_path / "preds.json", OPTIONS, num_workers=0)
+    with pytest.raises(SmallCapError, match=r"--gpus-per-worker must not be negative \(got -1"):
+        RayShardEmbedder("mini-clip", gpus_per_worker=-1)
+    assert not (tmp_path / "preds.json.shards").exists()
 
 
 @pytest.mark.slow

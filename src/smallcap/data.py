@@ -29,7 +29,8 @@ Text rules (`TEXT_RULES`, the `text=` option), one per use:
   Karpathy files this way. Other formats have no tokens and read as raw.
 
 An image list (no captions: what to caption) is a Parquet/CSV/TSV table with a path column (`PATH_COLUMNS`) and
-optionally an id column (`ID_COLUMNS`; default: the file stem), read by `read_image_table`.
+optionally an id column (`ID_COLUMNS`; default: the file stem) and no caption column, read by `read_image_list`,
+the one rule local predict and the Ray planner share (a table with a caption column is an annotation file).
 
 Image ids follow one rule everywhere (`parse_image_id`, `image_id_key`: ids compare as strings, a digit string
 is the int it spells), and `dataset_images` finds the image or video file of each id, for predict, training
@@ -44,7 +45,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from smallcap.errors import SmallCapError
 from smallcap.images import expand_inputs, find_media
@@ -54,7 +55,7 @@ FORMATS = ("text", "json", "coco", "karpathy", "msrvtt", "jsonl", "csv", "parque
 EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
               ".parquet": "parquet", ".pq": "parquet"}
 IMAGE_COLUMNS = ("image", "image_file", "file_name", "filename", "image_path")
-# An image list (`read_image_table`): a table with a path column and optionally an id column, no captions.
+# An image list (`read_image_list`): a table with a path column and optionally an id column, no caption column.
 PATH_COLUMNS = ("path", *IMAGE_COLUMNS)
 ID_COLUMNS = ("image_id", "id", "key")
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
@@ -432,56 +433,86 @@ def _read_msrvtt(path: Path, data: dict) -> Iterator[CaptionRecord]:
         yield CaptionRecord(clean_caption(sentence["caption"]), video_id, str(path), None, splits.get(video_id))
 
 
-def _table_rows(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
-    """The columns of a Parquet/CSV/TSV table and its rows, each with where it is (`file:line` or `file, row N`)."""
-    if path.suffix.lower() in (".parquet", ".pq"):
-        require_parquet(f"Reading {path}")
-        import pyarrow.parquet as pq
+def read_image_list(path: str | os.PathLike, images_dir: str | os.PathLike | None = None,
+                    format: str | None = None) -> list[tuple[ImageId, str]] | None:
+    """The one rule for which inputs are image lists (what to caption), used by local predict (`dataset_images`)
+    and the Ray planner alike: a Parquet/CSV/TSV table (`TABLE_SUFFIXES`, no `format` given) without a "caption"
+    column. Its path column (`PATH_COLUMNS`) names each image or video (relative paths are under `images_dir`,
+    else the table's folder) and an optional id column (`ID_COLUMNS`) its id (default: the file stem).
 
-        try:
-            content = pq.read_table(path)
-        except Exception as error:  # pyarrow raises its own ArrowInvalid/OSError family
-            raise SmallCapError(f"{path}: not readable as Parquet ({error})") from None
-        return content.column_names, ((f"{path}, row {n}", row) for n, row in enumerate(content.to_pylist()))
+    Returns the (id, file) pairs in table order, read in one pass (for Parquet only the path and id columns), or
+    None when `path` is not an image list: not a table, a `format` given, or a "caption" column (an annotation
+    file, for `read_captions`). Raises SmallCapError naming the file (and row) for a table with no path column,
+    an empty path, or an id given twice.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if format is not None or suffix not in TABLE_SUFFIXES:
+        return None
+    root = Path(images_dir) if images_dir is not None else path.parent
+    if suffix in (".parquet", ".pq"):
+        return _parquet_image_list(path, root)
     try:
         with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            columns = list(reader.fieldnames or [])
-            rows = [(f"{path}:{reader.line_num}", row) for row in reader]
+            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+
+            def rows(*_: str | None) -> Iterator[tuple[str, dict]]:
+                return ((f"{path}:{reader.line_num}", row) for row in reader)
+
+            return _image_list_pairs(path, list(reader.fieldnames or []), rows, root)
+    except OSError as error:
+        raise SmallCapError(f"cannot read {path}: {error.strerror}") from None
     except UnicodeDecodeError:
         raise SmallCapError(f"{path}: not valid UTF-8") from None
     except csv.Error as error:
         raise SmallCapError(f"{path}: malformed CSV ({error})") from None
-    return columns, iter(rows)
 
 
-def table_columns(path: str | os.PathLike) -> list[str]:
-    """The column names of a Parquet/CSV/TSV table."""
-    return _table_rows(Path(path))[0]
+def _parquet_image_list(path: Path, root: Path) -> list[tuple[ImageId, str]] | None:
+    require_parquet(f"Reading {path}")
+    import pyarrow.parquet as pq
+
+    def rows(*columns: str | None) -> Iterator[tuple[str, dict]]:
+        try:
+            content = table.read(columns=[name for name in columns if name])
+        except Exception as error:  # pyarrow raises its own ArrowInvalid/OSError family
+            raise SmallCapError(f"{path}: not readable as Parquet ({error})") from None
+        return ((f"{path}, row {number}", row) for number, row in enumerate(content.to_pylist()))
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as error:
+        raise SmallCapError(f"{path}: not readable as Parquet ({error})") from None
+    with table:
+        return _image_list_pairs(path, table.schema_arrow.names, rows, root)
 
 
-def read_image_table(path: str | os.PathLike,
-                     images_dir: str | os.PathLike | None = None) -> list[tuple[ImageId, str]]:
-    """(id, file) pairs from an image list: a Parquet/CSV/TSV table with a path column (`PATH_COLUMNS`) and
-    optionally an id column (`ID_COLUMNS`; default: the file stem). Relative paths are under `images_dir`, else
-    the table's folder."""
-    path = Path(path)
-    columns, rows = _table_rows(path)
+def _image_list_pairs(path: Path, columns: list[str], rows: Callable[..., Iterable[tuple[str, dict]]],
+                      root: Path) -> list[tuple[ImageId, str]] | None:
+    """`read_image_list` on a table's `columns`; `rows(path_column, id_column)` reads its rows, each with where
+    it is (`file:line` or `file, row N`), only once it is an image list."""
+    if "caption" in columns:
+        return None
     path_column = next((name for name in PATH_COLUMNS if name in columns), None)
     if path_column is None:
         raise SmallCapError(f"{path}: no image path column (expected one of {', '.join(PATH_COLUMNS)}; "
-                            f"columns: {', '.join(map(str, columns)) or 'none'})")
+                            f"columns: {', '.join(map(str, columns)) or 'none'}); a table with a 'caption' column "
+                            "is read as annotations")
     id_column = next((name for name in ID_COLUMNS if name in columns), None)
-    root = Path(images_dir) if images_dir is not None else path.parent
-    pairs = []
-    for where, row in rows:
+    pairs: list[tuple[ImageId, str]] = []
+    first_seen: dict[str, str] = {}
+    for where, row in rows(path_column, id_column):
         if not row.get(path_column):
             raise SmallCapError(f"{where}: empty {path_column!r}; expected the path of an image or video")
         file = root / str(row[path_column])
         image_id = row.get(id_column) if id_column is not None else None
         if image_id in (None, ""):
             image_id = file.stem
-        pairs.append((parse_image_id(image_id) if isinstance(image_id, str) else image_id, str(file)))
+        image_id = parse_image_id(image_id, where) if isinstance(image_id, str) else image_id
+        if str(image_id) in first_seen:
+            raise SmallCapError(f"{where}: image id {image_id!r} is given twice (first at {first_seen[str(image_id)]})")
+        first_seen[str(image_id)] = where
+        pairs.append((image_id, str(file)))
     return pairs
 
 
@@ -498,7 +529,7 @@ def default_image_root(path: str | os.PathLike) -> Path:
 def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir: str | os.PathLike | None = None,
                    format: str | None = None) -> list[tuple[ImageId, Path]]:
     """The (image id, file) pairs to caption: a folder of images/videos (id = file stem, as an int when it is
-    digits), an image list (`read_image_table`: a Parquet/CSV/TSV table with a path column and no caption
+    digits), an image list (`read_image_list`: a Parquet/CSV/TSV table with a path column and no caption
     column), or the images of `split` in a caption file (Karpathy, COCO, JSONL/CSV with an image column,
     MSR-VTT), found under `images_dir` (default: `default_image_root`)."""
     data = Path(data)
@@ -508,10 +539,10 @@ def dataset_images(data: str | os.PathLike, split: str | None = None, images_dir
         raise SmallCapError(f"{data}: no such file or directory")
     root = Path(images_dir) if images_dir is not None else default_image_root(data)
     pairs: dict[ImageId, Path] = {}
-    if format is None and data.suffix.lower() in TABLE_SUFFIXES and "caption" not in table_columns(data):
-        for image_id, file in read_image_table(data, images_dir):  # an image list
-            pairs.setdefault(image_id, Path(file))
-        records = ()
+    image_list = read_image_list(data, images_dir, format)
+    if image_list is not None:
+        pairs.update((image_id, Path(file)) for image_id, file in image_list)
+        records: Iterable[CaptionRecord] = ()
     else:
         records = read_captions(data, format=format, splits=None if split is None else [split])
     for record in records:

@@ -1,6 +1,9 @@
 """Fast inference modes: reduced-precision weights (`--dtype`) and int8 dynamic quantization (`--quantize`).
 
-Both are opt-in and may change some captions (float32 without quantization is exact). int8 quantizes the
+Both are opt-in and may change some captions (float32 without quantization is exact). In reduced precision the
+LM head still computes its logits in float32 (`Float32Logits`): rounding the logits to bfloat16 (8 significant bits)
+turns near-ties between beams into ties broken the other way, the main reason bfloat16 captions differed from
+float32's on the trained mini model (benchmarks/results/fast_modes_quality.md). int8 quantizes the
 decoder's linear layers, LM head included, with torch's dynamic quantization (int8 weights, activations
 quantized per batch, CPU only); GPT-2's `Conv1D` layers are first turned into the equivalent `nn.Linear`
 (transposed weight), since dynamic quantization only knows `nn.Linear`. The vision encoder stays float32: it
@@ -12,6 +15,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from smallcap.errors import SmallCapError
@@ -98,11 +102,43 @@ def quantization_of(model: nn.Module) -> str:
     return "int8" if any(isinstance(m, DynamicQuantizedLinear) for m in model.modules()) else "none"
 
 
+class Float32Logits(nn.Module):
+    """An LM head that computes logits in float32 from reduced-precision hidden states.
+
+    Holds a float32 copy of the head's weight (the values it has now: bfloat16-rounded ones when the model was
+    loaded in bfloat16), so tied input embeddings stay in reduced precision. For GPT-2 small this costs 154 MB.
+    """
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(head.weight.detach().float().clone(), requires_grad=False)
+        self.bias = None if head.bias is None else nn.Parameter(head.bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """float32 logits of `hidden_states` (any floating dtype)."""
+        return F.linear(hidden_states.float(), self.weight, self.bias)
+
+
+def keep_logits_float32(decoder: nn.Module) -> nn.Module:
+    """Swap `decoder`'s output embeddings (its LM head) for a `Float32Logits` of it, in place; returns `decoder`."""
+    head = decoder.get_output_embeddings()
+    if not isinstance(head, Float32Logits):
+        decoder.set_output_embeddings(Float32Logits(head))
+    return decoder
+
+
 def apply_precision(model: nn.Module, device: str, dtype: str | torch.dtype | None = "float32",
-                    quantize: str = "none") -> nn.Module:
-    """Move a loaded SmallCap model to `device` in the given precision mode (checked by `check_precision`)."""
+                    quantize: str = "none", float32_logits: bool = True) -> nn.Module:
+    """Move a loaded SmallCap model to `device` in the given precision mode (checked by `check_precision`).
+
+    In reduced precision the logits are computed in float32 (`Float32Logits`) unless `float32_logits` is False
+    (all in reduced precision: what this mode did before; kept for measuring the difference).
+    """
     check_precision(device, dtype, quantize)
-    model = model.to(device=device, dtype=DTYPES[dtype_name(dtype)])
+    name = dtype_name(dtype)
+    model = model.to(device=device, dtype=DTYPES[name])
+    if name != "float32" and float32_logits:
+        keep_logits_float32(model.decoder)
     if quantize == "int8":
         model = quantize_decoder_int8(model)
     return model.eval()

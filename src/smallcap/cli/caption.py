@@ -93,7 +93,9 @@ def captioner_options(args) -> dict:
 
 
 # Settings added to the record after files were made without them, and the value those files were made with.
-RECORDED_DEFAULTS = {"quantize": "none"}
+# "logits": "float32" for reduced precision since its logits are computed in float32 (smallcap.precision.Float32Logits);
+# a reduced-precision file from before had them in reduced precision, so resuming it now would mix the two.
+RECORDED_DEFAULTS = {"quantize": "none", "logits": None}
 
 
 def captioner_settings(args) -> dict:
@@ -104,7 +106,8 @@ def captioner_settings(args) -> dict:
         return None if path is None else str(Path(path).expanduser().resolve()) if Path(path).exists() else str(path)
 
     return {"model": absolute(args.model), "tokenizer": args.tokenizer, "image_processor": args.image_processor,
-            "dtype": args.dtype, "quantize": args.quantize, "retrieval": not args.no_retrieval,
+            "dtype": args.dtype, "logits": None if args.dtype == "float32" else "float32",
+            "quantize": args.quantize, "retrieval": not args.no_retrieval,
             "datastore": None if not args.datastore else [absolute(d) for d in args.datastore],
             "retrieval_encoder": args.retrieval_encoder, "retrieved": absolute(args.retrieved), "k": args.k,
             "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,

@@ -17,11 +17,12 @@ def register(subparsers) -> None:
     """Add the `predict` subcommand."""
     parser = subparsers.add_parser(
         "predict", help="caption every image of a split into [{image_id, caption}]",
-        description="Caption a split (Karpathy, COCO, JSONL/CSV, MSR-VTT annotations, or an image folder); "
-                    "resumable: a re-run skips images already captioned.")
+        description="Caption a split (Karpathy, COCO, JSONL/CSV, MSR-VTT annotations), an image folder or an "
+                    "image list; resumable: a re-run skips images already captioned.")
     parser.add_argument("data", metavar="DATA", nargs="+",
-                        help="annotation file or folder of images/videos; with --engine ray also several, globs, "
-                             "WebDataset tars (shards/{00000..00099}.tar) and Parquet/CSV tables of paths")
+                        help="annotation file, folder of images/videos, or image list (a Parquet/CSV/TSV table of "
+                             "paths, no caption column); with --engine ray also several, globs and WebDataset tars "
+                             "(shards/{00000..00099}.tar)")
     parser.add_argument("--split", default=None, help="split to caption (Karpathy/MSR-VTT/tables with a split)")
     parser.add_argument("--format", default=None, help="annotation format (default: detected)")
     parser.add_argument("--images-dir", type=Path, default=None, help="where image files are (default: DATA's folder)")

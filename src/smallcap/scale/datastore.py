@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from smallcap.scale.predict import connect, import_ray, quiet_ray_data
+from smallcap.scale.predict import check_worker_pool, connect, import_ray, quiet_ray_data
 
 
 class EmbedWorker:
@@ -45,12 +45,7 @@ class RayShardEmbedder:
 
     def __init__(self, encoder: str, *, device: str = "auto", batch_size: int = 256, num_workers: int = 1,
                  gpus_per_worker: float = 0.0, address: str | None = None):
-        from smallcap.errors import SmallCapError
-
-        if num_workers < 1:
-            raise SmallCapError(f"--num-workers must be at least 1 (got {num_workers})")
-        if gpus_per_worker < 0:
-            raise SmallCapError(f"--gpus-per-worker must not be negative (got {gpus_per_worker})")
+        check_worker_pool(num_workers, gpus_per_worker)
         self.options: dict[str, Any] = {"encoder": encoder, "device": device, "batch_size": batch_size}
         self.num_workers, self.gpus_per_worker, self.address = num_workers, gpus_per_worker, address
 

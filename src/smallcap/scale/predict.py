@@ -63,6 +63,14 @@ def connect(address: str | None = None) -> bool:
     return True
 
 
+def check_worker_pool(num_workers: int, gpus_per_worker: float) -> None:
+    """SmallCapError unless an actor pool has at least one worker and a non-negative GPU share per worker."""
+    if num_workers < 1:
+        raise SmallCapError(f"--num-workers must be at least 1 (got {num_workers})")
+    if gpus_per_worker < 0:
+        raise SmallCapError(f"--gpus-per-worker must not be negative (got {gpus_per_worker})")
+
+
 def quiet_ray_data() -> None:
     """Our own progress bar replaces Ray Data's per-operator bars and periodic progress log."""
     ray = import_ray()
@@ -193,10 +201,7 @@ def predict_on_ray(shards: Sequence[InputShard], output: str | os.PathLike, capt
     """
     output = Path(output)
     output_dir = Path(output_dir) if output_dir is not None else output.with_name(output.name + ".shards")
-    if num_workers < 1:
-        raise SmallCapError(f"--num-workers must be at least 1 (got {num_workers})")
-    if gpus_per_worker < 0:
-        raise SmallCapError(f"--gpus-per-worker must not be negative (got {gpus_per_worker})")
+    check_worker_pool(num_workers, gpus_per_worker)
     if output.is_dir():
         raise SmallCapError(f"--out {output} is a directory; give the predictions file to write")
     parquet = is_parquet(output)

@@ -6,9 +6,11 @@ An input is one of:
   image id is the key; each tar is one input shard;
 - a folder of images/videos, a glob (`photos/*.jpg`), or a single image/video file; ids are file stems (an
   int when all digits, as `smallcap predict` does);
-- an image list: a Parquet/CSV/TSV table with a path column and optionally an id column
-  (`smallcap.data.read_image_table`); relative paths are under `images_dir`, else the table's folder;
-- an annotation file `smallcap predict` reads (Karpathy, COCO, JSONL, MSR-VTT), with `split` and `images_dir`.
+- an image list: a Parquet/CSV/TSV table with a path column, optionally an id column, and no caption column
+  (`smallcap.data.read_image_list`, local predict's rule); relative paths are under `images_dir`, else the
+  table's folder;
+- an annotation file `smallcap predict` reads (Karpathy, COCO, JSONL, CSV/TSV/Parquet with a caption column,
+  MSR-VTT), with `split` and `images_dir`.
 
 Every input may use the brace notation of WebDataset and img2dataset: `shards/{00000..00099}.tar`,
 `{train,val}/*.jpg`. Items that are not in tar files are grouped in order into shards of `shard_size`.
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from smallcap import video
-from smallcap.data import TABLE_SUFFIXES, dataset_images, parse_image_id, read_image_table
+from smallcap.data import dataset_images, parse_image_id, read_image_list
 from smallcap.errors import SmallCapError
 from smallcap.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, expand_inputs
 
@@ -94,15 +96,18 @@ def _resolve(pattern: str) -> list[str]:
     return paths
 
 
-def _loose_items(path: str, split: str | None, images_dir: str | None, format: str | None):
-
+def _loose_items(path: str, split: str | None, images_dir: str | None,
+                 format: str | None) -> list[tuple[ImageId, str]]:
+    """The (id, file) items of an input that is not a tar: a folder, an image/video file, an image list (the rule
+    local predict uses, `read_image_list`; files are checked when read) or an annotation file."""
     suffix = Path(path).suffix.lower()
     if Path(path).is_dir():
         return [(image_id, str(file)) for image_id, file in dataset_images(path)]
     if suffix in IMAGE_EXTENSIONS or suffix in video.VIDEO_EXTENSIONS:
         return [(parse_image_id(Path(file).stem), str(file)) for file in expand_inputs([path])]
-    if suffix in TABLE_SUFFIXES and format is None:
-        return read_image_table(path, images_dir)
+    image_list = read_image_list(path, images_dir, format)
+    if image_list is not None:
+        return image_list
     return [(image_id, str(file)) for image_id, file in dataset_images(path, split, images_dir, format)]
 
 
