@@ -96,7 +96,9 @@ def test_other_settings_go_through_transformers(tiny_boosted):
             == generate_with_transformers(model, prompts[:3], states[:3], settings))
 
 
-def test_prompts_must_not_be_empty(tiny_boosted):
+def test_bad_arguments_are_refused(tiny_boosted):
     model, prompts, states = tiny_boosted
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [prompts[0], []], encoder_hidden_states=states[:2])
+    with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
+        generate(model, prompts[:2], encoder_hidden_states=states[:2], max_in_flight=0)

@@ -204,19 +204,21 @@ class _Slots:
         keep_source = source.gather(1, keep)
         tokens = self.tokens[index].gather(1, keep_source[:, :, None].expand(-1, -1, self.max_new)).clone()
         tokens[torch.arange(len(slots)), :, step] = token.gather(1, keep)
-        done = []
-        for row, slot in enumerate(slots):
-            new = [(r, float(s)) for r, (s, e) in enumerate(zip(top_scores[row, :beams].tolist(),
-                                                                ends[row, :beams].tolist())) if e]
-            if new:
-                length = int(step[row]) + 1
-                history = self.tokens[slot]
-                for rank, score in new:
-                    ids = history[int(source[row, rank]), :length - 1].tolist() + [int(token[row, rank])]
-                    self.finished[slot].append((score / length ** self.length_penalty, ids))
+        # New finished hypotheses: an end among the top `beams` continuations (every one of them at the token limit).
+        # One transfer from the device per step, then plain Python over the rows that have any.
+        ending = ends[:, :beams].any(dim=1).nonzero().flatten()
+        if len(ending):
+            finals = (top_scores, ends, source, token)
+            scores_, ends_, source_, token_ = ([row[:beams] for row in t[ending].tolist()] for t in finals)
+            histories, lengths = self.tokens[index[ending]].tolist(), (step[ending] + 1).tolist()
+            for i, row in enumerate(ending.tolist()):
+                slot, length = slots[row], lengths[i]
+                for rank in range(beams):
+                    if ends_[i][rank]:
+                        ids = histories[i][source_[i][rank]][:length - 1] + [token_[i][rank]]
+                        self.finished[slot].append((scores_[i][rank] / length ** self.length_penalty, ids))
                 self.finished[slot] = sorted(self.finished[slot], key=lambda h: -h[0])[:beams]
-            if len(self.finished[slot]) == beams:
-                done.append(slot)
+        done = [slot for slot in slots if len(self.finished[slot]) == beams]
         self.tokens[index] = tokens
         self.scores[index] = running_scores.gather(1, keep)
         self.step[index] = step + 1
@@ -234,6 +236,8 @@ def continuous_beam_search(model, prompts: Sequence[Sequence[int]], encoder_hidd
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
     in_flight = min(max_in_flight or len(prompts), len(prompts))
     encoder_hidden_states = encoder_hidden_states.to(model.device, model.dtype)
     state = _Slots(model, in_flight, max(map(len, prompts)), settings)
