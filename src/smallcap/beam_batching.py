@@ -125,10 +125,10 @@ class _Slots:
         """Drop every slot not in `slots` (in that order) from the batch."""
         index = torch.tensor(slots, dtype=torch.long, device=self.prompt_k.device)
         rows = (index[:, None] * self.beams + torch.arange(self.beams, device=index.device)).flatten()
-        self.prompt_k, self.prompt_v = self.prompt_k[:, index], self.prompt_v[:, index]
+        self.prompt_k, self.prompt_v = self.prompt_k.index_select(1, index), self.prompt_v.index_select(1, index)
         self.prompt_bias = self.prompt_bias[index]
         self.reorder(rows)
-        self.cross_k, self.cross_v = self.cross_k[:, index], self.cross_v[:, index]
+        self.cross_k, self.cross_v = self.cross_k.index_select(1, index), self.cross_v.index_select(1, index)
         self.prompt_len, self.step = self.prompt_len[index], self.step[index]
         self.tokens, self.scores = self.tokens[index], self.scores[index]
         self.image = [self.image[s] for s in slots]
