@@ -184,11 +184,11 @@ class _Slots:
             hidden = hidden + block.mlp(block.ln_2(hidden))
         return self.lm_head(t.ln_f(hidden))[:, 0]
 
-    def select(self, logits: torch.Tensor, slots: list[int]) -> list[int]:
+    def select(self, logits: torch.Tensor, slots: list[int], first: bool = False) -> list[int]:
         """The beam-search step for `slots` given their rows' logits; returns the slots that are done.
 
-        `slots` is either every slot in order (a decoding step) or newly filled ones (their first token, chosen from
-        the prefill's logits: nothing generated yet to reorder)."""
+        `slots` is either every slot in order (a decoding step) or, with `first`, newly filled ones (their first
+        token, chosen from the prefill's logits: nothing generated yet to reorder)."""
         beams = self.beams
         index = torch.tensor(slots, dtype=torch.long, device=self.scores.device)
         log_probs = F.log_softmax(logits.float(), dim=-1)
@@ -222,7 +222,7 @@ class _Slots:
         self.tokens[index] = tokens
         self.scores[index] = running_scores.gather(1, keep)
         self.step[index] = step + 1
-        if slots == list(range(self.count)) and bool((step > 0).all()):
+        if not first:
             self.reorder((index[:, None] * beams + keep_source).flatten())
         return done
 
@@ -250,7 +250,7 @@ def continuous_beam_search(model, prompts: Sequence[Sequence[int]], encoder_hidd
             slots, free = free[:len(waiting)], free[len(waiting):]
             images, waiting = waiting[:len(slots)], waiting[len(slots):]
             logits = state.fill(slots, images, prompts, encoder_hidden_states)
-            done = state.select(logits.repeat_interleave(settings.num_beams, dim=0), slots)
+            done = state.select(logits.repeat_interleave(settings.num_beams, dim=0), slots, first=True)
             for slot in done:
                 results[state.image[slot]] = state.finished[slot][0][1]
             free += done
