@@ -3,7 +3,9 @@
 
 Same model and inputs as `caption_throughput.py` (real-size architecture, random weights, '.' row boosted, k=4 real
 COCO captions, beam 3, 25 new tokens); wall-clock time per part measured with forward hooks on one batch, after a
-warm-up batch. Also counts the padding: prompt tokens that are left padding, and decode steps a row runs after its
+warm-up batch. `generate` decodes with continuous batching (`smallcap.beam_batching`), whose steps call the
+attention projections but not the attention modules: their attention products count in the rest; the prefill runs
+through the modules. Also counts the padding: prompt tokens that are left padding, and decode steps a row runs after its
 chosen caption has ended (an upper bound on the waste of running the batch to its longest row).
 
     python benchmarks/caption_profile.py [--images 16] [--dot-boost 4] [--threads 1]
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     timer.remove()
     parts = {"image preprocessing (CLIP processor)": preprocessed - start, "vision encoder": encoded - preprocessed}
     parts.update(sorted(timer.seconds.items()))
-    parts["rest of beam search (embeddings, layer norms, bookkeeping, cache reorder)"] = (
+    parts["rest (embeddings, layer norms, beam bookkeeping, cache reorder, the steps' attention products)"] = (
         (done - encoded) - sum(timer.seconds.values()))
     total = done - start
     width = max(map(len, prompts))

@@ -7,7 +7,9 @@ measured, x4 imitates the issue's trained reference checkpoint ('.' row x4, real
 boost, every variant runs in this one process on the same weights and inputs: the reference loop, smallcap exact
 (float32) at each batch size, batch sorted by prompt length, reduced precision (bfloat16; float16 on GPU; logits in
 float32 as `--dtype` does, and with --compare-logits-precision also all in reduced precision) and int8 dynamic
-quantization (CPU). Each row gives its throughput ratio to the reference loop and its exact-caption
+quantization (CPU), and the earlier exact path (one transformers `generate` per batch, run to its longest caption)
+next to the continuous-batching beam search that replaced it. Each row gives its throughput ratio to the reference
+loop and its exact-caption
 agreement with it (and with exact batched smallcap, for images beyond the reference loop's share).
 
     python benchmarks/caption_throughput.py [--images 16] [--batch-sizes 1 8 16] [--threads 2]
@@ -32,7 +34,7 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, GPT2Config
 
 from smallcap.captioner import Captioner
-from smallcap.generation import GenerationSettings
+from smallcap.generation import GenerationSettings, generate_with_transformers
 from smallcap.images import load_image
 from smallcap.modeling import END_TOKEN_ID, SmallCap, SmallCapConfig
 from smallcap.precision import apply_precision, check_precision, quantize_decoder_int8
@@ -92,6 +94,25 @@ def timed(captioner: Captioner, images, retrieved, batch_size: int, sort_by_prom
     for position, result in zip(order, results):
         captions[position] = result.caption
     return captions, seconds
+
+
+@torch.inference_mode()
+def timed_transformers_generate(captioner: Captioner, images, retrieved, batch_size: int):
+    """Captions and seconds of smallcap's earlier exact path: each batch's prompts left-padded into one
+    transformers `generate` call that runs to the batch's longest caption (what `generate` does for decoders
+    without continuous batching), with the same preprocessing, encoder and prompts as the captioner."""
+    model = captioner.model
+    synchronize(model.device)
+    start = time.perf_counter()
+    captions = []
+    for first in range(0, len(images), batch_size):
+        batch = images[first:first + batch_size]
+        states = captioner.encode(batch)
+        prompts = [prompt_ids(captioner.tokenizer, caps, captioner.k) for caps in retrieved[first:first + batch_size]]
+        new_ids = generate_with_transformers(model, prompts, states, captioner.settings)
+        captions += [clean_caption(captioner.tokenizer, ids) for ids in new_ids]
+    synchronize(model.device)
+    return captions, time.perf_counter() - start
 
 
 @torch.inference_mode()
@@ -161,6 +182,9 @@ def run_boost(args, boost: float, tokenizer, processor, images, retrieved, devic
     best = max(args.batch_sizes)
     if not exact:
         exact, _ = timed(captioner, images, retrieved, best)
+    captions, seconds = timed_transformers_generate(captioner, images, retrieved, best)
+    record("smallcap exact, earlier path: transformers generate per batch (no continuous batching)", best, "float32",
+           captions, seconds, len(images))
     # Sorting can only change batches when there is more than one: measure it at the largest batch size below the
     # number of images, next to the unsorted run of that size.
     several = [size for size in args.batch_sizes if 1 < size < len(images)]

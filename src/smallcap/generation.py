@@ -1,7 +1,8 @@
 """Batched, retrieval-augmented decoding: prompts of different lengths in one `generate` call.
 
 Prompts are left-padded; the attention mask hides the padding and position ids restart at each row's first
-real token, so a batched row decodes exactly as it would alone.
+real token, so a batched row decodes exactly as it would alone. Beam search on GPT-2-family decoders runs as
+continuous batching (`smallcap.beam_batching`); other decoders and settings go through transformers' `generate`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Sequence
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from smallcap.modeling import END_TOKEN_ID, PAD_TOKEN_ID, SmallCap
+from smallcap.beam_batching import continuous_beam_search, supports_continuous_batching
+from smallcap.modeling import END_TOKEN_ID, SmallCap
+from smallcap.prompt import left_pad
 
 
 @dataclass
@@ -42,18 +45,6 @@ class GenerationSettings:
         return kwargs
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = PAD_TOKEN_ID):
-    """Left-pad prompt ids; returns (input_ids, attention_mask, position_ids) tensors."""
-    width = max(map(len, prompts))
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
-
-
 def new_tokens(output_ids: torch.Tensor, prompt_width: int, end_token_id: int = END_TOKEN_ID) -> list[list[int]]:
     """The generated ids of each row, up to and including its first end token.
 
@@ -68,20 +59,36 @@ def new_tokens(output_ids: torch.Tensor, prompt_width: int, end_token_id: int = 
 
 @torch.inference_mode()
 def generate(model: SmallCap, prompts: Sequence[Sequence[int]], *, pixel_values: torch.Tensor | None = None,
-             encoder_hidden_states: torch.Tensor | None = None,
-             settings: GenerationSettings | None = None) -> list[list[int]]:
+             encoder_hidden_states: torch.Tensor | None = None, settings: GenerationSettings | None = None,
+             max_in_flight: int | None = None) -> list[list[int]]:
     """Continue each prompt conditioned on its image; returns the new token ids per image (end token kept).
 
     Give either `pixel_values` (n, 3, H, W) or precomputed `encoder_hidden_states` (n, tokens, width).
-    The prompt is run through the decoder once per image and its cache copied to every beam (plain beam
-    search would run it once per beam); only the last position's logits are computed. Both are exact.
+    Beam search with early stopping on GPT-2-family decoders runs as continuous batching: `max_in_flight` images
+    (default: all) decode at a time, a finished image's rows leave the batch and the next image takes its place
+    (`smallcap.beam_batching`). Everything else runs `generate_with_transformers`. Both give the same tokens.
     """
     if (pixel_values is None) == (encoder_hidden_states is None):
         raise ValueError("pass exactly one of pixel_values and encoder_hidden_states")
     settings = settings or GenerationSettings()
-    device = model.device
     if encoder_hidden_states is None:
-        encoder_hidden_states = model.encoder(pixel_values=pixel_values.to(device, model.dtype)).last_hidden_state
+        encoder_hidden_states = model.encoder(pixel_values=pixel_values.to(model.device, model.dtype)).last_hidden_state
+    if supports_continuous_batching(model, settings):
+        return continuous_beam_search(model, prompts, encoder_hidden_states, settings, max_in_flight)
+    return generate_with_transformers(model, prompts, encoder_hidden_states, settings)
+
+
+@torch.inference_mode()
+def generate_with_transformers(model: SmallCap, prompts: Sequence[Sequence[int]], encoder_hidden_states: torch.Tensor,
+                               settings: GenerationSettings | None = None) -> list[list[int]]:
+    """`generate` through transformers' `model.generate`, all prompts in one left-padded batch run to its longest
+    row: for OPT/XGLM decoders, sampling, n-gram blocking and `early_stopping` other than True.
+
+    The prompt is run through the decoder once per image and its cache copied to every beam (plain beam
+    search would run it once per beam); only the last position's logits are computed. Both are exact.
+    """
+    settings = settings or GenerationSettings()
+    device = model.device
     encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden_states.to(device, model.dtype))
     input_ids, attention_mask, position_ids = (t.to(device) for t in left_pad(prompts, model.config.pad_token_id))
     prompt_cache = {}

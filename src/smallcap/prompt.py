@@ -106,6 +106,18 @@ def pad_right(rows: Sequence[Sequence[int]], value: int, length: int | None = No
     return [list(row) + [value] * (length - len(row)) for row in rows]
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = PAD_TOKEN_ID):
+    """Left-pad prompt ids; returns (input_ids, attention_mask, position_ids) tensors."""
+    width = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
 def collate_training_examples(examples: Sequence[tuple[list[int], list[int]]], pad_to: int | None = None,
                               pad_token_id: int = PAD_TOKEN_ID):
     """Stack (input_ids, labels) pairs into right-padded tensors: inputs padded with the family's `!` id
