@@ -45,7 +45,8 @@ def run_seeds(args: argparse.Namespace) -> list[dict]:
                 ("epochs", args.epochs), ("lr", args.lr)) if value is not None})
             config = ExperimentConfig(seed=seed, preset=args.preset, images_per_domain=args.images_per_domain,
                                       web_images_per_domain=args.web_images_per_domain, clip_steps=args.clip_steps,
-                                      lm_steps=args.lm_steps, training=training)
+                                      lm_steps=args.lm_steps, retriever_steps=args.retriever_steps,
+                                      training=training)
             runs.append(run_experiment(work / f"seed-{seed}" if len(args.seeds) > 1 else work, config,
                                        progress=not args.quiet))
     finally:
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--web-images-per-domain", type=int, help="pretraining images per domain")
     parser.add_argument("--clip-steps", type=int, help="mini CLIP pretraining steps")
     parser.add_argument("--lm-steps", type=int, help="mini GPT-2 pretraining steps")
+    parser.add_argument("--retriever-steps", type=int, help="add a separate retrieval encoder: the mini CLIP trained "
+                        "this many steps further (the paper retrieves with a stronger CLIP than it encodes with)")
     parser.add_argument("--epochs", type=int, help="SmallCap training epochs (default: the preset's)")
     parser.add_argument("--lr", type=float, help="SmallCap training learning rate (default: the preset's)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one); finished stages "

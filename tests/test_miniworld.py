@@ -94,3 +94,36 @@ def test_cut_down_clip_tokenizer_splits_world_captions_like_clip(tmp_path):
     for caption in captions:
         assert mini.tokenize(caption) == full.tokenize(caption)
     assert mini.decode(mini("a Zebra!").input_ids, skip_special_tokens=True) == "a zebra !"  # unseen: bytes
+
+
+def test_a_world_with_a_separate_retriever_trains_it_further_and_datastores_accept_it(tmp_path):
+    """A recipe with a retriever saves a second mini CLIP, the captioning one trained further (same architecture,
+    other weights), reports its retrieval metrics, and `smallcap datastore build --encoder` takes it."""
+    import json
+
+    import torch
+    from transformers import CLIPModel
+
+    from conftest import run_cli
+    from smallcap.miniworld.build import build_world, recipe_with
+
+    recipe = recipe_with("small", images_per_domain=20, web_images_per_domain=12, clip_steps=4, lm_steps=2,
+                         retriever_steps=3)
+    recipe.clip.batch_size = recipe.retriever.batch_size = 6
+    assert recipe.retriever.steps == 3 and recipe.retriever.lr == recipe.clip.lr / 2
+    torch.set_num_threads(1)
+    world = build_world(tmp_path / "world", seed=0, recipe=recipe, clip_tokenizer_dir=CLIP_TOKENIZER_DIR,
+                        progress=False)
+    assert world["models"]["retriever"] == "models/retriever"
+    assert set(world["metrics"]["retriever_retrieval"]) == {"source", "target"}
+    assert world["recipe"]["retriever"]["steps"] == 3 and world["timings_s"]["retriever"] > 0
+    clip = CLIPModel.from_pretrained(tmp_path / "world" / "models" / "clip")
+    retriever = CLIPModel.from_pretrained(tmp_path / "world" / "models" / "retriever")
+    assert clip.config.to_dict()["vision_config"] == retriever.config.to_dict()["vision_config"]
+    assert not torch.equal(clip.visual_projection.weight, retriever.visual_projection.weight)
+    out = tmp_path / "store"
+    run_cli("datastore", "build", str(tmp_path / "world" / "source" / "dataset_source.json"), "--out", str(out),
+            "--encoder", str(tmp_path / "world" / "models" / "retriever"),
+            "--tokenizer", str(tmp_path / "world" / "models" / "gpt2"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 16 * 5 and manifest["encoder"]["name"].endswith("models/retriever")

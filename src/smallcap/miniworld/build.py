@@ -48,7 +48,9 @@ class WorldRecipe:
     web_images_per_domain: int = 12000  # pretraining images for CLIP and GPT-2, disjoint from the dataset
     shape_variants: int = 3  # web images come in groups differing only in shape (CLIP's hard negatives)
     clip: ClipRecipe = field(default_factory=ClipRecipe)
-    retriever: ClipRecipe | None = None  # a separate retrieval encoder; None: retrieve with `clip`
+    # A separate retrieval encoder: the captioning CLIP trained `retriever.steps` steps further (at
+    # `retriever.lr`) on the same web images, so it is the stronger of the two. None: retrieve with `clip`.
+    retriever: ClipRecipe | None = None
     lm: LMRecipe = field(default_factory=LMRecipe)
 
 
@@ -98,8 +100,8 @@ def build_world(out_dir: str | Path, seed: int = 0, recipe: WorldRecipe | None =
         retrieval = _retrieval_report(tmp / "models" / "clip", images, seed)
         lap("clip_eval")
         if recipe.retriever is not None:
-            retriever = train_clip(web_pixels, [i.captions for i in web], clip_tokenizer, recipe.retriever, seed=seed,
-                                   group_size=recipe.shape_variants, progress=progress)
+            retriever = train_clip(web_pixels, [i.captions for i in web], clip_tokenizer, recipe.retriever,
+                                   seed=seed + 1, group_size=recipe.shape_variants, progress=progress, init=clip)
             retriever.save_pretrained(tmp / "models" / "retriever")
             clip_tokenizer.save_pretrained(tmp / "models" / "retriever")
             image_processor().save_pretrained(tmp / "models" / "retriever")
@@ -167,11 +169,14 @@ def load_world_json(out_dir: str | Path) -> dict:
 
 
 def recipe_with(preset: str, images_per_domain: int | None = None, web_images_per_domain: int | None = None,
-                clip_steps: int | None = None, lm_steps: int | None = None) -> WorldRecipe:
-    """A preset (`default`, `small`) with some sizes overridden."""
+                clip_steps: int | None = None, lm_steps: int | None = None,
+                retriever_steps: int | None = None) -> WorldRecipe:
+    """A preset (`default`, `small`) with some sizes overridden; `retriever_steps` adds a separate retrieval
+    encoder: the captioning CLIP trained that many steps further at half its learning rate."""
     base = PRESETS[preset]
+    clip = replace(base.clip, steps=clip_steps or base.clip.steps)
+    retriever = replace(clip, steps=retriever_steps, lr=clip.lr / 2) if retriever_steps else base.retriever
     return WorldRecipe(images_per_domain=images_per_domain or base.images_per_domain,
                        web_images_per_domain=web_images_per_domain or base.web_images_per_domain,
-                       shape_variants=base.shape_variants,
-                       clip=replace(base.clip, steps=clip_steps or base.clip.steps), retriever=base.retriever,
+                       shape_variants=base.shape_variants, clip=clip, retriever=retriever,
                        lm=replace(base.lm, steps=lm_steps or base.lm.steps))

@@ -6,6 +6,7 @@ retrieve target-domain captions for target-domain images; the SmallCap decoder l
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -78,20 +79,22 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def train_clip(pixels: torch.Tensor, captions: Sequence[Sequence[str]], tokenizer, recipe: ClipRecipe,
-               seed: int = 0, group_size: int = 1, progress: bool = True):
+               seed: int = 0, group_size: int = 1, progress: bool = True, init=None):
     """Train a mini `CLIPModel` contrastively on `pixels` (uint8, from `pixel_array`) and their captions.
 
     Each step takes a batch of images, each with `recipe.captions_per_image` of its captions (the text
     tower is cheap next to the vision tower, so an image forward pass can serve several positives).
     Consecutive runs of `group_size` images stay together in a batch: made of images that differ only in
     shape (`sample_world(..., shape_variants=...)`), they are the hard negatives that teach shape, which
-    colour, place and background otherwise drown out. Returns the model in eval mode.
+    colour, place and background otherwise drown out. With `init` (a trained mini `CLIPModel`), a copy of it
+    is trained further instead of a new model (the recipe's architecture fields are then not used). Returns the
+    model in eval mode.
     """
     from transformers import CLIPModel
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = CLIPModel(mini_clip_config(tokenizer, recipe)).train()
+    model = (copy.deepcopy(init) if init is not None else CLIPModel(mini_clip_config(tokenizer, recipe))).train()
     per_image = len(captions[0])
     tokens = tokenizer([c for caps in captions for c in caps], padding=True, truncation=True, return_tensors="pt")
     ids = tokens.input_ids.view(len(captions), per_image, -1)
