@@ -206,15 +206,15 @@ def test_killed_captioning_actor_is_redone_exactly_once(cluster, local_captions,
         if done >= 1 and pids:
             killed, done_at_kill = pids[0], done
             os.kill(killed, signal.SIGKILL)
-        time.sleep(0.2)
-    restarted = set()
-    while thread.is_alive() and time.monotonic() < deadline:
-        restarted.update(caption_worker_pids())
+            killed_at = time.time()
         time.sleep(0.2)
     thread.join(timeout=max(1.0, deadline - time.monotonic()))
     assert "error" not in outcome, outcome.get("error")
     assert killed is not None and done_at_kill < len(shards), "the actor was not killed while the job ran"
-    assert restarted - {killed}, "no new captioning actor replaced the killed one"
+    # The killed process cannot write: shards finished after the kill were captioned by a replacement actor.
+    # (Watching /proc for the replacement's pid missed it now and then: it can start and finish between polls.)
+    written_after = [p for p in shard_dir.glob("*.jsonl") if p.stat().st_mtime > killed_at]
+    assert written_after, "no captioning actor finished a shard after the kill"
     rows = json.loads(out.read_text())
     assert [row["image_id"] for row in rows] == [int(p.stem) for p in IMAGES]
     assert [row["caption"] for row in rows] == [local_captions[p.name] for p in IMAGES]
