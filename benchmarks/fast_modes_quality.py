@@ -27,8 +27,6 @@ import contextlib
 import functools
 import json
 import os
-import platform
-import sys
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -178,20 +176,6 @@ def run(work: Path, modes: dict[str, list[str]], batch_size: int = 16) -> dict:
     return results
 
 
-def environment() -> dict:
-    """Where the numbers come from."""
-    import torch
-
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "cpu"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1m_at_end": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-            "python": platform.python_version(), "argv": sys.argv}
-
-
 def recorded_float32_scores(results: dict) -> dict:
     """float32's CIDEr on the miniworld test sets next to the same model's in the recorded seed-0 small-preset run
     of the miniworld experiment (benchmarks/results/miniworld_small_seeds.json), when that file is there."""
@@ -260,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "test_sets": run(work, MODES, args.batch_size)}
     result["identical_total"] = totals(result["test_sets"])
     result["float32_vs_recorded_run"] = recorded_float32_scores(result["test_sets"])
+    from miniworld_experiment import environment  # the benchmarks folder is on sys.path when run as a script
+
     result["environment"] = environment()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
