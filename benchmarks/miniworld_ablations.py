@@ -23,7 +23,7 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from miniworld_experiment import (METRICS, TrainingRecipe, build_datastores, caption_statistics, cli,  # noqa: E402
-                                  environment, karpathy_file, train_model)
+                                  environment, karpathy_file, train_model, write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KS = (1, 2, 4, 8)
@@ -97,8 +97,6 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
-    from smallcap.io import atomic_write_json, atomic_write_text
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="a finished benchmarks/miniworld.py --work DIR")
     parser.add_argument("--out", type=Path, default=RESULTS / "miniworld_ablations.json")
@@ -107,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.work} holds no miniworld run; run benchmarks/miniworld.py --work DIR first")
     transformers_logging.set_verbosity_error()
     results = run(args.work)
-    atomic_write_json(args.out, results)
-    atomic_write_text(args.out.with_suffix(".md"), markdown(results))
-    print(markdown(results))
+    write_results(args.out, results, markdown(results))
     return 0
 
 

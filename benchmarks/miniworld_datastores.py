@@ -30,7 +30,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from miniworld_experiment import (METRICS, build_datastores, caption_statistics, cli, environment,  # noqa: E402
-                                  karpathy_file)
+                                  karpathy_file, write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Corpus sizes per domain, as multiples of the world's dataset images per domain: the web store is larger than the
@@ -114,8 +114,6 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
-    from smallcap.io import atomic_write_json, atomic_write_text
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="a finished benchmarks/miniworld.py --work DIR")
     parser.add_argument("--domain", default="target", choices=["source", "target"], help="test domain")
@@ -126,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--work DIR first")
     transformers_logging.set_verbosity_error()
     results = run(args.work, args.domain)
-    atomic_write_json(args.out, results)
-    atomic_write_text(args.out.with_suffix(".md"), markdown(results))
-    print(markdown(results))
+    write_results(args.out, results, markdown(results))
     return 0
 
 

@@ -309,6 +309,15 @@ def effects(conditions: dict[str, dict], metric: str = "CIDEr") -> dict[str, flo
     }
 
 
+def write_results(out: Path, results: dict, text: str) -> None:
+    """Write `results` to `out` (JSON) and `text` beside it (`.md`), atomically, and print the text."""
+    from smallcap.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out, results)
+    atomic_write_text(out.with_suffix(".md"), text)
+    print(text)
+
+
 def environment() -> dict:
     """Where the numbers come from."""
     import torch
