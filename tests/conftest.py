@@ -39,6 +39,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name != "test_small_world.py")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test (captions and scores depend on the thread count), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     if not SHARED.is_dir():
         raise pytest.UsageError(f"shared data not found at {SHARED}; set SMALLCAP_SHARED")

@@ -69,14 +69,7 @@ def folder(tmp_path_factory, bomb) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -23,12 +23,7 @@ from smallcap.prompt import load_tokenizer, prompt_ids
 IMAGES = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:16]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
