@@ -5,11 +5,13 @@ A fixed number of images (slots) decode together, each with its beams. When an i
 `max_new_tokens`), its rows leave the batch and the next waiting image's prompt is prefilled into the freed slot,
 so no batch runs to its longest caption and no row decodes past its own end.
 
-The cache is split three ways so that each step touches little memory:
-- prompt keys/values once per *image* (its beams share the prompt), left-padded to the longest prompt of the call
-  with the padding masked, so prompts of different lengths sit side by side;
-- generated keys/values per *beam*, at most `max_new_tokens` positions: the only part reordered between beams;
-- cross-attention keys/values once per image, computed in the prefill.
+The self-attention cache holds, per image (slot), its prompt's keys/values once (its beams share the prompt),
+left-padded to the longest prompt of the call with the padding masked, followed by its generated positions,
+step-major (the token of beam b at step t at `width + t * beams + b`). Beams are never copied when beam search
+reorders them: each row records which beam wrote each step of its history (`ancestor`), and its attention mask
+shows it exactly those positions, so a step writes one position per row and attends once per layer
+(`scaled_dot_product_attention` over the slot's positions with the beams as its queries). Cross-attention
+keys/values are kept once per image, computed in the prefill.
 
 The selection rule is the one of transformers' beam search with `early_stopping=True`: each step keeps the top
 2·beams continuations over beams × vocabulary (scores are plain sums of log-probabilities divided by the new
@@ -63,15 +65,14 @@ class _Slots:
         # slower in bfloat16, and they are more precise this way (the linear layers keep the model's dtype).
         device, dtype = model.device, torch.float32
         self.dtype = model.dtype
-        rows = slots * self.beams
         self.width = prompt_width
-        self.prompt_k = torch.zeros(layers, slots, heads, prompt_width, head_dim, device=device, dtype=dtype)
-        self.prompt_v = torch.zeros_like(self.prompt_k)
+        positions = prompt_width + self.max_new * self.beams
+        # (layers, slots, heads, positions, head_dim): a slot's prompt, then its generated positions (module docstring)
+        self.keys = torch.zeros(layers, slots, heads, positions, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
         self.prompt_bias = torch.full((slots, prompt_width), float("-inf"), device=device, dtype=dtype)
-        # per layer (rows, max_new, heads, head_dim): a row's new position is one contiguous block to write
-        self.gen_k = [torch.zeros(rows, self.max_new, heads, head_dim, device=device, dtype=dtype)
-                      for _ in range(layers)]
-        self.gen_v = [torch.zeros_like(k) for k in self.gen_k]
+        # ancestor[slot, beam, t]: the beam whose token at step t is in this beam's history (it wrote that position)
+        self.ancestor = torch.zeros(slots, self.beams, self.max_new, dtype=torch.long, device=device)
         self.cross_k: torch.Tensor | None = None  # (layers, slots, heads, encoder tokens, reduced head width)
         self.cross_v: torch.Tensor | None = None
         self.cross_head_dim = cross.head_dim
@@ -104,10 +105,10 @@ class _Slots:
         width = input_ids.shape[1]
         for row, (slot, image) in enumerate(zip(slots, images)):
             length = len(prompts[image])
-            self.prompt_k[:, slot, :, self.width - length:] = keys[:, row, :, width - length:]
-            self.prompt_v[:, slot, :, self.width - length:] = values[:, row, :, width - length:]
-            self.prompt_k[:, slot, :, :self.width - length] = 0
-            self.prompt_v[:, slot, :, :self.width - length] = 0
+            self.keys[:, slot, :, self.width - length:self.width] = keys[:, row, :, width - length:]
+            self.values[:, slot, :, self.width - length:self.width] = values[:, row, :, width - length:]
+            self.keys[:, slot, :, :self.width - length] = 0
+            self.values[:, slot, :, :self.width - length] = 0
             self.prompt_bias[slot] = float("-inf")
             self.prompt_bias[slot, self.width - length:] = 0
             self.cross_k[:, slot], self.cross_v[:, slot] = cross_k[:, row], cross_v[:, row]
@@ -123,72 +124,65 @@ class _Slots:
 
     def keep(self, slots: list[int]) -> None:
         """Drop every slot not in `slots` (in that order) from the batch."""
-        index = torch.tensor(slots, dtype=torch.long, device=self.prompt_k.device)
-        rows = (index[:, None] * self.beams + torch.arange(self.beams, device=index.device)).flatten()
-        self.prompt_k, self.prompt_v = self.prompt_k.index_select(1, index), self.prompt_v.index_select(1, index)
-        self.prompt_bias = self.prompt_bias[index]
-        self.reorder(rows)
+        index = torch.tensor(slots, dtype=torch.long, device=self.keys.device)
+        self.keys, self.values = self.keys.index_select(1, index), self.values.index_select(1, index)
+        self.prompt_bias, self.ancestor = self.prompt_bias[index], self.ancestor[index]
         self.cross_k, self.cross_v = self.cross_k.index_select(1, index), self.cross_v.index_select(1, index)
         self.prompt_len, self.step = self.prompt_len[index], self.step[index]
         self.tokens, self.scores = self.tokens[index], self.scores[index]
         self.image = [self.image[s] for s in slots]
         self.finished = [self.finished[s] for s in slots]
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Make row i of the generated cache a copy of row `rows[i]` (beams chosen, slots kept)."""
-        self.gen_k = [k.index_select(0, rows) for k in self.gen_k]
-        self.gen_v = [v.index_select(0, rows) for v in self.gen_v]
-
     def forward(self) -> torch.Tensor:
         """One decoder step for every running beam of every slot; returns logits (slots * beams, vocab)."""
         slots, beams = self.count, self.beams
         rows = slots * beams
+        device = self.step.device
         step = self.step.repeat_interleave(beams)
         last = self.tokens.view(rows, self.max_new).gather(1, (step - 1)[:, None]).squeeze(1)
         positions = self.prompt_len.repeat_interleave(beams) + step - 1
-        write_at = torch.arange(rows, device=step.device) * self.max_new + step - 1
         t = self.transformer
         hidden = (t.wte(last) + t.wpe(positions))[:, None]  # (rows, 1, width)
-        upto = int(self.step.max())  # generated positions any row can see (the rest is masked for all)
-        generated = torch.arange(upto, device=step.device)
-        gen_bias = torch.zeros(rows, upto, 1, device=hidden.device)
-        gen_bias.masked_fill_(generated[None, :, None] > (step - 1)[:, None, None], float("-inf"))
-        prompt_bias = self.prompt_bias[:, None, None, :]
+        # where each row writes its new key/value: its slot, position width + (step - 1) * beams + beam
+        beam = torch.arange(beams, device=device)
+        write_slot = torch.arange(slots, device=device).repeat_interleave(beams)[:, None]
+        write_at = (self.width + (step - 1) * beams + beam.repeat(slots))[:, None]
+        upto = int(self.step.max())  # steps any row has written (the positions beyond are masked for all)
+        seen = self.width + upto * beams
+        # a generated position is visible to a row when its own history wrote it: step t < the slot's step, and the
+        # beam that wrote it is the row's ancestor at step t
+        visible = ((self.ancestor[:, :, :upto, None] == beam)
+                   & (torch.arange(upto, device=device)[:, None] < self.step[:, None, None, None]))
+        gen_bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+        bias = torch.cat([self.prompt_bias[:, None].expand(slots, beams, self.width),
+                          gen_bias.view(slots, beams, upto * beams)], dim=-1)[:, None]  # (slots, 1, beams, seen)
         width = hidden.shape[-1]
         for layer, block in enumerate(t.h):
             attn = block.attn
             heads = attn.num_heads
             head_dim = width // heads
+            every_head = torch.arange(heads, device=device)
             q, k, v = attn.c_attn(block.ln_1(hidden)).float().split(width, dim=2)
-            self.gen_k[layer].view(-1, heads, head_dim).index_copy_(0, write_at, k.view(rows, heads, head_dim))
-            self.gen_v[layer].view(-1, heads, head_dim).index_copy_(0, write_at, v.view(rows, heads, head_dim))
-            gen_k, gen_v = self.gen_k[layer][:, :upto], self.gen_v[layer][:, :upto]  # (rows, upto, heads, head_dim)
-            q = q.view(rows, heads, head_dim)
-            # prompt part: the beams of a slot share its prompt keys (slots, heads, prompt width, head_dim)
-            prompt_scores = (q.view(slots, beams, heads, head_dim).transpose(1, 2)
-                             @ self.prompt_k[layer].transpose(-1, -2)) * attn.scaling + prompt_bias
-            # generated part, per row: (rows, max_new, heads)
-            gen_scores = (gen_k * q[:, None]).sum(-1) * attn.scaling + gen_bias
-            gen_scores = gen_scores.view(slots, beams, upto, heads).permute(0, 3, 1, 2)
-            weights = torch.softmax(torch.cat([prompt_scores, gen_scores], dim=-1), dim=-1)
-            out = weights[..., :self.width] @ self.prompt_v[layer]  # (slots, heads, beams, head_dim)
-            gen_weights = weights[..., self.width:].permute(0, 2, 3, 1).reshape(rows, upto, heads, 1)
-            out = out.transpose(1, 2).reshape(rows, heads, head_dim) + (gen_weights * gen_v).sum(1)
-            hidden = hidden + attn.c_proj(out.reshape(rows, 1, width).to(self.dtype))
+            self.keys[layer].index_put_((write_slot, every_head, write_at), k.view(rows, heads, head_dim))
+            self.values[layer].index_put_((write_slot, every_head, write_at), v.view(rows, heads, head_dim))
+            q = q.view(slots, beams, heads, head_dim).transpose(1, 2)  # a slot's beams are its queries
+            out = F.scaled_dot_product_attention(q, self.keys[layer, :, :, :seen], self.values[layer, :, :, :seen],
+                                                 attn_mask=bias, scale=attn.scaling)
+            hidden = hidden + attn.c_proj(out.transpose(1, 2).reshape(rows, 1, width).to(self.dtype))
             cross = block.crossattention
             q = cross.q_attn(block.ln_cross_attn(hidden)).float().view(slots, beams, heads, self.cross_head_dim)
-            q = q.transpose(1, 2)
-            weights = torch.softmax(q @ self.cross_k[layer].transpose(-1, -2) * cross.scaling, dim=-1)
-            out = (weights @ self.cross_v[layer]).transpose(1, 2).reshape(rows, 1, heads * self.cross_head_dim)
-            hidden = hidden + cross.c_proj(out.to(self.dtype))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), self.cross_k[layer], self.cross_v[layer],
+                                                 scale=cross.scaling)
+            hidden = hidden + cross.c_proj(out.transpose(1, 2).reshape(rows, 1, heads * self.cross_head_dim)
+                                           .to(self.dtype))
             hidden = hidden + block.mlp(block.ln_2(hidden))
         return self.lm_head(t.ln_f(hidden))[:, 0]
 
-    def select(self, logits: torch.Tensor, slots: list[int], first: bool = False) -> list[int]:
+    def select(self, logits: torch.Tensor, slots: list[int]) -> list[int]:
         """The beam-search step for `slots` given their rows' logits; returns the slots that are done.
 
-        `slots` is either every slot in order (a decoding step) or, with `first`, newly filled ones (their first
-        token, chosen from the prefill's logits: nothing generated yet to reorder)."""
+        `slots` is either every slot in order (a decoding step) or newly filled ones (their first token, chosen from
+        the prefill's logits)."""
         beams = self.beams
         index = torch.tensor(slots, dtype=torch.long, device=self.scores.device)
         log_probs = F.log_softmax(logits.float(), dim=-1)
@@ -202,8 +196,11 @@ class _Slots:
         running_scores = top_scores + ends.to(torch.float32) * _NOT_RUNNING
         keep = torch.topk(running_scores, k=beams)[1]
         keep_source = source.gather(1, keep)
-        tokens = self.tokens[index].gather(1, keep_source[:, :, None].expand(-1, -1, self.max_new)).clone()
+        history = keep_source[:, :, None].expand(-1, -1, self.max_new)
+        tokens = self.tokens[index].gather(1, history)
         tokens[torch.arange(len(slots)), :, step] = token.gather(1, keep)
+        ancestor = self.ancestor[index].gather(1, history)
+        ancestor[torch.arange(len(slots)), :, step] = torch.arange(beams, device=ancestor.device)
         # New finished hypotheses: an end among the top `beams` continuations (every one of them at the token limit).
         # One transfer from the device per step, then plain Python over the rows that have any.
         ending = ends[:, :beams].any(dim=1).nonzero().flatten()
@@ -221,9 +218,8 @@ class _Slots:
         done = [slot for slot in slots if len(self.finished[slot]) == beams]
         self.tokens[index] = tokens
         self.scores[index] = running_scores.gather(1, keep)
+        self.ancestor[index] = ancestor
         self.step[index] = step + 1
-        if not first:
-            self.reorder((index[:, None] * beams + keep_source).flatten())
         return done
 
 
@@ -250,7 +246,7 @@ def continuous_beam_search(model, prompts: Sequence[Sequence[int]], encoder_hidd
             slots, free = free[:len(waiting)], free[len(waiting):]
             images, waiting = waiting[:len(slots)], waiting[len(slots):]
             logits = state.fill(slots, images, prompts, encoder_hidden_states)
-            done = state.select(logits.repeat_interleave(settings.num_beams, dim=0), slots, first=True)
+            done = state.select(logits.repeat_interleave(settings.num_beams, dim=0), slots)
             for slot in done:
                 results[state.image[slot]] = state.finished[slot][0][1]
             free += done
