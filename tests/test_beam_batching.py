@@ -13,7 +13,7 @@ import torch
 from transformers import CLIPVisionConfig, GPT2Config
 
 from conftest import COCO_MINI, COCO_VAL_CAPTIONS
-from smallcap.beam_batching import supports_continuous_batching
+from smallcap.beam_batching import packed_lm_head, supports_continuous_batching
 from smallcap.captioner import Captioner
 from smallcap.generation import GenerationSettings, generate, generate_with_transformers
 from smallcap.images import load_image
@@ -97,3 +97,15 @@ def test_bad_arguments_are_refused(tiny_boosted):
         generate(model, [prompts[0], []], encoder_hidden_states=states[:2])
     with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
         generate(model, prompts[:2], encoder_hidden_states=states[:2], max_in_flight=0)
+
+
+def test_packed_lm_head_computes_the_heads_logits():
+    head = torch.nn.Linear(64, 300, bias=False)
+    hidden = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
+    packed = packed_lm_head(head, rows=6)
+    assert packed is not head, "a float32 linear head on CPU is packed"
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(hidden), head(hidden), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed(hidden[:2]), head(hidden[:2]), rtol=1e-5, atol=1e-5)  # fewer rows too
+    bfloat16_head = torch.nn.Linear(64, 300, bias=False).to(torch.bfloat16)
+    assert packed_lm_head(bfloat16_head, rows=6) is bfloat16_head

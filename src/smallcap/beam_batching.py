@@ -46,14 +46,29 @@ def supports_continuous_batching(model, settings: GenerationSettings) -> bool:
             and getattr(model.config, "eos_token_id", None) is not None)
 
 
+def packed_lm_head(lm_head: torch.nn.Module, rows: int):
+    """The LM head as a function of hidden states. A float32 `nn.Linear` head on CPU runs on its weight packed
+    once here for oneDNN's matrix product (still float32; `rows` is the expected number of rows): a plain product
+    repacks the 50257 x 768 weight of GPT-2's head on every call, so a decoding step of 48 rows took about 64 ms
+    instead of 44 ms, against about 0.09 s for packing once per call. Any other head is returned as it is."""
+    weight = getattr(lm_head, "weight", None)
+    if (type(lm_head) is not torch.nn.Linear or weight.device.type != "cpu" or weight.dtype != torch.float32
+            or not torch.backends.mkldnn.is_available()):
+        return lm_head
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    bias = lm_head.bias
+    return lambda hidden: torch.ops.mkldnn._linear_pointwise(hidden, packed, bias, "none", [], "")
+
+
 class _Slots:
     """The decoding state of the images in flight: caches, running beams and finished hypotheses."""
 
     def __init__(self, model, slots: int, prompt_width: int, settings: GenerationSettings):
         decoder = model.decoder
         config = decoder.config
-        self.transformer, self.lm_head = decoder.transformer, decoder.lm_head
+        self.transformer = decoder.transformer
         self.beams, self.max_new = settings.num_beams, settings.max_new_tokens
+        self.lm_head = packed_lm_head(decoder.lm_head, slots * self.beams)
         self.length_penalty = settings.length_penalty
         self.eos = int(model.config.eos_token_id)
         self.model = model
@@ -176,7 +191,7 @@ class _Slots:
             hidden = hidden + cross.c_proj(out.transpose(1, 2).reshape(rows, 1, heads * self.cross_head_dim)
                                            .to(self.dtype))
             hidden = hidden + block.mlp(block.ln_2(hidden))
-        return self.lm_head(t.ln_f(hidden))[:, 0]
+        return self.lm_head(t.ln_f(hidden)[:, 0])
 
     def select(self, logits: torch.Tensor, slots: list[int]) -> list[int]:
         """The beam-search step for `slots` given their rows' logits; returns the slots that are done.
