@@ -95,8 +95,15 @@ METHODS = {"fill": "prefill", "forward": "step", "select": "beam selection", "ke
 
 @contextmanager
 def timed_slots(timer: PartTimer):
-    """Wrap `_Slots`' methods with the timer while inside."""
+    """Wrap `_Slots`' methods with the timer while inside, and watch the LM head they are given."""
     originals = {name: getattr(beam_batching._Slots, name) for name in METHODS}
+    pack = beam_batching.packed_lm_head
+
+    def pack_and_watch(lm_head, rows):
+        head = pack(lm_head, rows)
+        if head is not lm_head:
+            timer.watch(head, "LM head")
+        return head
 
     def wrapped(name, original):
         def method(self, *args, **kwargs):
@@ -106,11 +113,13 @@ def timed_slots(timer: PartTimer):
 
     for name, original in originals.items():
         setattr(beam_batching._Slots, name, wrapped(name, original))
+    beam_batching.packed_lm_head = pack_and_watch
     try:
         yield
     finally:
         for name, original in originals.items():
             setattr(beam_batching._Slots, name, original)
+        beam_batching.packed_lm_head = pack
 
 
 def watch_decoder(timer: PartTimer, decoder) -> None:
@@ -168,7 +177,7 @@ def profile_operators(captioner: Captioner, states: torch.Tensor, prompts, steps
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         generate(captioner.model, prompts, encoder_hidden_states=states, settings=captioner.settings)
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::"))]
     total = sum(e.self_cpu_time_total for e in events)
     rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
     calls = sum(e.count for e in events)
