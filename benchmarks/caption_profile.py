@@ -12,8 +12,8 @@ COCO captions, beam 3, 25 new tokens), one batch of 16 after a warm-up batch. Tw
 2. the torch profiler's per-operator table for the decoding (prefill and steps; no hooks): self time and calls of
    the costliest operators, and the number of operator calls per step (kernel launches on a GPU).
 
-Also counts the padding: prompt tokens that are left padding, and decode steps a row runs after its chosen caption
-has ended.
+Also counts the padding: prompt positions of the prefill that are left padding, and decode steps a row runs after its
+chosen caption has ended.
 
     python benchmarks/caption_profile.py [--images 16] [--dot-boost 4] [--threads 1]
 """
@@ -207,15 +207,18 @@ def main(argv: list[str] | None = None) -> dict:
     steps = parts.pop("steps (calls)")
     states = captioner.encode(images)
     operators = profile_operators(captioner, states, prompts, steps)
-    width = max(map(len, prompts))
     longest = max(map(len, new_ids))
+    # the prefill's groups (`beam_batching._Slots.fill`): prompts sorted by length, each group padded to its longest
+    lengths = sorted(map(len, prompts))
+    group = beam_batching._PREFILL_GROUP
+    padded = sum(max(lengths[i:i + group]) * len(lengths[i:i + group]) for i in range(0, len(lengths), group))
     result = {
         "benchmark": "caption_profile", "path": "continuous batching (smallcap.beam_batching), float32",
         "images": len(images), "dot_boost": args.dot_boost, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "load_average": round(load, 2), "total_seconds": round(total, 2),
         "decode_steps": steps,
         "parts": {name: {"seconds": round(s, 3), "share": round(s / total, 3)} for name, s in parts.items()},
-        "prompt_padding_share": round(1 - sum(map(len, prompts)) / (width * len(prompts)), 3),
+        "prompt_padding_share": round(1 - sum(lengths) / padded, 3),
         "steps_beyond_each_rows_caption_share": round(1 - sum(map(len, new_ids)) / (longest * len(new_ids)), 3),
         "caption_tokens": sorted(map(len, new_ids)),
         **operators,
