@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -92,6 +93,28 @@ def test_cli_equals_cocoevalcap_on_coco_val2017(tmp_path, monkeypatch):
             assert image[ours] == 100 * expected.imgToEval[image["image_id"]][theirs], (image, ours)
     table = cli["result"].stdout
     assert f"{100 * expected.eval['CIDEr']:.2f}" in table and "SPICE unavailable" in table
+
+
+def test_meteor_runs_once_per_process_and_a_forked_child_leaves_it_alone(mini):
+    """METEOR's Java process starts with the first evaluation (a fresh process, whose scores equal pycocoevalcap's:
+    test_cli_equals_cocoevalcap_on_coco_val2017) and serves the next ones with the same scores; a forked child that
+    drops its inherited copy does not stop the parent's process."""
+    import smallcap.evaluation as evaluation
+
+    refs, preds = mini
+    first = evaluate(refs, preds, metrics=["METEOR"])
+    process = evaluation._meteor_process.meteor_p
+    second = evaluate(refs, preds, metrics=["METEOR"])
+    assert evaluation._meteor_process.meteor_p is process and second == first
+    child = os.fork()
+    if child == 0:  # the child drops the parent's scorer (running its __del__), then leaves without cleanup
+        evaluation._meteor_process = None
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+    assert process.poll() is None
+    assert evaluate(refs, preds, metrics=["METEOR"]) == first
+    evaluation._meteor_process = None  # the parent's own drop stops it
+    assert process.wait(timeout=10) is not None
 
 
 @pytest.mark.slow
