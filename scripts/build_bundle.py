@@ -65,8 +65,9 @@ def build_bundle(work: Path, seed: int, preset: str = "small") -> Path:
     os.chdir(world_dir)  # the manifests record the input files relative to the world, not a temporary path
     try:
         for domain in world["domains"]:
+            # raw sentences, as the bundled model was trained and every miniworld result was measured with
             cli("datastore", "build", world["domains"][domain]["karpathy"], "--out", BUNDLE_DIR / "datastores" / domain,
-                "--encoder", "mini-clip", "--tokenizer", "mini")
+                "--encoder", "mini-clip", "--tokenizer", "mini", "--text", "raw")
     finally:
         os.chdir(here)
     (BUNDLE_DIR / "samples").mkdir()

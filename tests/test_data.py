@@ -257,7 +257,8 @@ def test_every_entry_point_reads_the_same_files_alike(tmp_path, kind):
     """Training samples, predict's images, evaluation's references and the datastore build's captions, read from
     the same file: the same ids under the one string rule (`image_id_key`), and the text each use documents
     (smallcap.data): training = Karpathy's tokens joined by spaces, else the raw caption whitespace-collapsed;
-    evaluation and the datastore (by default) = raw, whitespace-collapsed."""
+    the datastore (by default) = the same, as the reference indexes Karpathy files; evaluation = raw,
+    whitespace-collapsed."""
     truth = _truth()
     path = _write_inputs(tmp_path, truth)[kind]
     key = (lambda t: f"video{t['id']}") if kind == "msrvtt" else (lambda t: image_id_key(t["id"]))
@@ -266,13 +267,13 @@ def test_every_entry_point_reads_the_same_files_alike(tmp_path, kind):
     raw = {key(t): [clean_caption(r) for r in t["raws"]] for t in truth}
     tokens = {key(t): [" ".join(tok) for tok in t["tokens"]] for t in truth}
 
-    # Datastore build: train + restval, raw text by default, the reference's tokens on request.
+    # Datastore build: train + restval, the reference's tokens by default, the sentences as written on request.
     records, info = read_datastore_captions([path])
     assert info[0]["records"] == len(records)
-    assert _by_id(records) == {key(t): raw[key(t)] for t in in_split("train", "restval")}
     wanted_tokens = tokens if kind == "karpathy" else raw
-    assert _by_id(read_datastore_captions([path], text="tokens")[0]) == {key(t): wanted_tokens[key(t)]
-                                                                         for t in in_split("train", "restval")}
+    assert _by_id(records) == {key(t): wanted_tokens[key(t)] for t in in_split("train", "restval")}
+    assert _by_id(read_datastore_captions([path], text="raw")[0]) == {key(t): raw[key(t)]
+                                                                      for t in in_split("train", "restval")}
 
     # Predict: the images of the test split (all of a COCO file), found under the default image root.
     images_dir = tmp_path / "videos" if kind == "msrvtt" else None

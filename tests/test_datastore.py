@@ -231,6 +231,37 @@ def test_dedupe_and_splits(tmp_path, encoder, gpt2):
     assert len(everything) == 3
 
 
+def test_karpathy_files_are_indexed_as_the_reference_does_unless_told_raw(tmp_path, tiny_clip_dir):
+    """`datastore build dataset_coco.json` indexes each sentence's tokens joined by spaces (the reference's datastore
+    text, what the reference's models were prompted with); `--text raw` indexes the sentences as written. The
+    manifest records which."""
+    annotations = json.loads(COCO_TRAIN_MINI.read_text())
+    captions: dict[int, list[str]] = {}
+    for annotation in sorted(annotations["annotations"], key=lambda a: a["id"]):
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    images = sorted(annotations["images"], key=lambda image: image["id"])[:4]
+    tokenize = lambda raw: "".join(c if c.isalnum() else " " for c in raw.lower()).split()  # noqa: E731
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"dataset": "coco", "images": [
+        {"filename": image["file_name"], "cocoid": image["id"], "split": split,
+         "sentences": [{"raw": raw, "tokens": tokenize(raw)} for raw in captions[image["id"]]]}
+        for image, split in zip(images, ("train", "restval", "test", "train"))]}))
+    kept = [image for n, image in enumerate(images) if n != 2]
+    stores = {}
+    for text in ("tokens", "raw"):
+        stores[text] = tmp_path / text
+        cli("datastore", "build", karpathy, "--out", stores[text], "--encoder", tiny_clip_dir,
+            "--tokenizer", GPT2_TOKENIZER_DIR, *([] if text == "tokens" else ["--text", "raw"]))
+    default, raw = Datastore.load(stores["tokens"]), Datastore.load(stores["raw"])
+    assert default.manifest["filters"]["text"] == "tokens" and raw.manifest["filters"]["text"] == "raw"
+    assert [default.caption(r) for r in range(len(default))] == \
+        [" ".join(tokenize(c)) for image in kept for c in captions[image["id"]]]
+    assert [raw.caption(r) for r in range(len(raw))] == [" ".join(c.split()) for image in kept
+                                                           for c in captions[image["id"]]]
+    differ = sum(default.caption(r) != raw.caption(r) for r in range(len(raw)))
+    assert differ >= 5, differ  # most real captions have a capital or a full stop
+
+
 def test_retrieval_for_training_drops_own_captions_keeps_7(tmp_path, coco_store, encoder):
     image_ids = ["179765", coco_store.source_ids[500]]
     first_rows = [next(r for r in range(len(coco_store)) if coco_store.source_ids[r] == i) for i in image_ids]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -16,9 +17,14 @@ COCOEVALCAP_NAMES = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3",
 FAST = ("--metrics", "BLEU,CIDEr")
 
 
-def split_one_human(annotations: Path) -> tuple[dict, list[dict]]:
-    """Each image's caption with the smallest annotation id becomes the prediction; the rest are references."""
+def split_one_human(annotations: Path, images: int | None = None) -> tuple[dict, list[dict]]:
+    """Each image's caption with the smallest annotation id becomes the prediction; the rest are references.
+    `images`: keep only the first this many images (by id)."""
     data = json.loads(annotations.read_text())
+    if images is not None:
+        data["images"] = sorted(data["images"], key=lambda img: img["id"])[:images]
+        kept = {img["id"] for img in data["images"]}
+        data["annotations"] = [ann for ann in data["annotations"] if ann["image_id"] in kept]
     by_image: dict[int, list[dict]] = {}
     for ann in sorted(data["annotations"], key=lambda a: a["id"]):
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -28,8 +34,8 @@ def split_one_human(annotations: Path) -> tuple[dict, list[dict]]:
     return references, predictions
 
 
-def write_split(directory: Path, annotations: Path) -> tuple[Path, Path]:
-    references, predictions = split_one_human(annotations)
+def write_split(directory: Path, annotations: Path, images: int | None = None) -> tuple[Path, Path]:
+    references, predictions = split_one_human(annotations, images)
     (directory / "refs.json").write_text(json.dumps(references))
     (directory / "preds.json").write_text(json.dumps(predictions))
     return directory / "refs.json", directory / "preds.json"
@@ -64,10 +70,11 @@ def run_cocoevalcap(refs: Path, preds: Path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_equals_cocoevalcap_on_coco_val2017(tmp_path, monkeypatch):
-    refs, preds = write_split(tmp_path, COCO_VAL_CAPTIONS)
+    """The first 1,000 val2017 images (by id): all 5,000 take ~50 s per scorer on one core and test nothing more."""
+    refs, preds = write_split(tmp_path, COCO_VAL_CAPTIONS, images=1000)
     out, per_image = tmp_path / "scores.json", tmp_path / "per_image.json"
     cli = {}
-    # The CLI runs in its own process while COCOEvalCap runs here: the two take ~50 s each on one core.
+    # The CLI runs in its own process while COCOEvalCap runs here.
     thread = threading.Thread(target=lambda: cli.setdefault("result", run_cli(
         "evaluate", "--references", refs, "--predictions", preds, "--out", out, "--per-image", per_image)))
     thread.start()
@@ -75,7 +82,7 @@ def test_cli_equals_cocoevalcap_on_coco_val2017(tmp_path, monkeypatch):
     thread.join()
 
     scores = json.loads(out.read_text())
-    assert scores["num_images"] == 5000
+    assert scores["num_images"] == 1000
     for ours, theirs in COCOEVALCAP_NAMES.items():
         assert scores["scores"][ours] == 100 * expected.eval[theirs], ours
     assert scores["scores"]["SPICE"] is None and "stanford-corenlp-3.6.0" in scores["unavailable"]["SPICE"]
@@ -86,6 +93,28 @@ def test_cli_equals_cocoevalcap_on_coco_val2017(tmp_path, monkeypatch):
             assert image[ours] == 100 * expected.imgToEval[image["image_id"]][theirs], (image, ours)
     table = cli["result"].stdout
     assert f"{100 * expected.eval['CIDEr']:.2f}" in table and "SPICE unavailable" in table
+
+
+def test_meteor_runs_once_per_process_and_a_forked_child_leaves_it_alone(mini):
+    """METEOR's Java process starts with the first evaluation (a fresh process, whose scores equal pycocoevalcap's:
+    test_cli_equals_cocoevalcap_on_coco_val2017) and serves the next ones with the same scores; a forked child that
+    drops its inherited copy does not stop the parent's process."""
+    import smallcap.evaluation as evaluation
+
+    refs, preds = mini
+    first = evaluate(refs, preds, metrics=["METEOR"])
+    process = evaluation._meteor_process.meteor_p
+    second = evaluate(refs, preds, metrics=["METEOR"])
+    assert evaluation._meteor_process.meteor_p is process and second == first
+    child = os.fork()
+    if child == 0:  # the child drops the parent's scorer (running its __del__), then leaves without cleanup
+        evaluation._meteor_process = None
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+    assert process.poll() is None
+    assert evaluate(refs, preds, metrics=["METEOR"]) == first
+    evaluation._meteor_process = None  # the parent's own drop stops it
+    assert process.wait(timeout=10) is not None
 
 
 @pytest.mark.slow

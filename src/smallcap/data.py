@@ -20,13 +20,13 @@ Table-like formats (json objects, jsonl, csv, parquet) also pick up an image fil
 
 Text rules (`TEXT_RULES`, the `text=` option), one per use:
 
-- "raw" (the default): the caption as written with its whitespace collapsed to single spaces (COCO has captions
-  ending in newlines, which would break the prompt's "\\n\\n"-separated layout). Evaluation references are
-  always raw (`smallcap.evaluation.load_references`), as pycocoevalcap scores them; the datastore build uses
-  raw unless told `text="tokens"` (`smallcap datastore build --text tokens`).
+- "raw" (the reader's default): the caption as written with its whitespace collapsed to single spaces (COCO has
+  captions ending in newlines, which would break the prompt's "\\n\\n"-separated layout). Evaluation references
+  are always raw (`smallcap.evaluation.load_references`), as pycocoevalcap scores them.
 - "tokens": for Karpathy files, each sentence's `tokens` joined by one space (lower case, no punctuation), as
-  the reference builds its training targets and its datastore; training (`smallcap.training_data`) reads
-  Karpathy files this way. Other formats have no tokens and read as raw.
+  the reference builds its training targets and its datastore. Training (`smallcap.training_data`) always reads
+  Karpathy files this way, and the datastore build does by default (`DATASTORE_TEXT`; `smallcap datastore build
+  --text raw` indexes the raw sentences instead). Other formats have no tokens and read as raw.
 
 An image list (no captions: what to caption) is a Parquet/CSV/TSV table with a path column (`PATH_COLUMNS`) and
 optionally an id column (`ID_COLUMNS`; default: the file stem) and no caption column, read by `read_image_list`,
@@ -64,6 +64,9 @@ TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
 TEXT_RULES = {"raw": "the caption as written, whitespace collapsed (evaluation references, other formats)",
               "tokens": "Karpathy files: the sentence's tokens joined by spaces (training targets, the reference's "
                         "datastore)"}
+# What a datastore build indexes by default: the reference's datastore text, so a model trained as the reference
+# trains (on token-joined retrieved captions) is prompted with the same kind of text it was trained with.
+DATASTORE_TEXT = "tokens"
 # Karpathy's "restval" images are COCO val2014 images that the split moves into training.
 DATASTORE_SPLITS = ("train", "restval")
 

@@ -175,19 +175,46 @@ def _bleu(batch: Batch) -> Scores:
     return dict(zip(names, corpus)), dict(zip(names, per_image))
 
 
+_meteor_process: Any = None  # the running METEOR scorer of this process, reused between evaluations
+
+
+def _meteor_scorer() -> Any:
+    """pycocoevalcap's METEOR scorer, started once per process: its Java start and paraphrase-table load take
+    5-15 s, the scoring itself well under a second for a few hundred images. A scorer whose Java process died, or
+    one inherited through fork, is replaced."""
+    global _meteor_process
+    scorer = _meteor_process
+    if scorer is None or scorer.owner != os.getpid() or scorer.meteor_p.poll() is not None:
+        Meteor = _pycocoevalcap("meteor.meteor").Meteor
+
+        class ReusableMeteor(Meteor):
+            """pycocoevalcap's Meteor that a forked child never stops (the parent's Java process is not its)."""
+
+            def __init__(self):
+                super().__init__()
+                self.owner = os.getpid()
+
+            def __del__(self):
+                if os.getpid() == self.owner:
+                    self.meteor_p.kill()
+                    self.meteor_p.wait()
+
+        scorer = _meteor_process = ReusableMeteor()
+    return scorer
+
+
 def _meteor(batch: Batch) -> Scores:
-    scorer = _pycocoevalcap("meteor.meteor").Meteor()
+    global _meteor_process
+    scorer = _meteor_scorer()
     try:
         corpus, per_image = scorer.compute_score(batch.refs, batch.preds)
     except (ValueError, OSError) as error:  # the Java process died: its replies are empty
+        _meteor_process = None
+        if scorer.lock.locked():
+            scorer.lock.release()
         scorer.meteor_p.kill()
         message = scorer.meteor_p.stderr.read().decode(errors="replace").strip()[-2000:]
         raise SmallCapError(f"METEOR (pycocoevalcap's meteor-1.5.jar) failed: {error}\n{message}") from None
-    finally:
-        scorer.meteor_p.kill()
-        scorer.meteor_p.wait()
-        if scorer.lock.locked():  # else Meteor.__del__ waits forever for it
-            scorer.lock.release()
     return {"METEOR": corpus}, {"METEOR": per_image}
 
 

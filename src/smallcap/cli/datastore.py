@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from smallcap.cli.options import non_negative_int, positive_float, positive_int
-from smallcap.data import DATASTORE_SPLITS, FORMATS
+from smallcap.data import DATASTORE_SPLITS, DATASTORE_TEXT, FORMATS, TEXT_RULES
 from smallcap.cli.caption import PIL_MAX_IMAGE_PIXELS
 from smallcap.errors import SmallCapError
 from smallcap.hub import bundled_path, local_snapshot
@@ -49,9 +49,10 @@ def register(subparsers) -> None:
     build.add_argument("--format", choices=FORMATS, help="input format (default: detected per file)")
     build.add_argument("--column", default="caption", help="caption column of JSONL/CSV/Parquet/JSON records")
     build.add_argument("--id-column", help="image id column of JSONL/CSV/Parquet/JSON records")
-    build.add_argument("--text", choices=["raw", "tokens"], default="raw",
-                       help="Karpathy files: index the raw sentences (default) or their tokens joined by spaces, "
-                            "as the reference builds its datastore (see smallcap.data)")
+    build.add_argument("--text", choices=sorted(TEXT_RULES), default=DATASTORE_TEXT,
+                       help="Karpathy files: index their tokens joined by spaces, as the reference builds its "
+                            "datastore (tokens, the default), or the sentences as written (raw); other formats "
+                            "are always raw (see smallcap.data)")
     build.add_argument("--batch-size", type=positive_int, default=256, help="captions per encoder batch")
     build.add_argument("--shard-size", type=positive_int, default=16384, help="captions per resumable embedding shard")
     build.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import smallcap
-from smallcap.data import DATASTORE_SPLITS, CaptionRecord, image_id_key, load_json, read_captions
+from smallcap.data import DATASTORE_SPLITS, DATASTORE_TEXT, CaptionRecord, image_id_key, load_json, read_captions
 from smallcap.errors import SmallCapError
 from smallcap.hub import explain_load_errors, resolve_pretrained
 from smallcap.io import atomic_directory, atomic_open, atomic_write_json, check_output_dir
@@ -155,10 +155,10 @@ def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[str | Path] 
 
 def read_datastore_captions(inputs: Sequence[str | Path], splits: Sequence[str] | None = DATASTORE_SPLITS,
                             format: str | None = None, column: str = "caption", id_column: str | None = None,
-                            text: str = "raw") -> tuple[list[CaptionRecord], list[dict]]:
-    """The caption records a datastore build reads from `inputs` (`smallcap.data.read_captions`; text rule "raw"
-    by default, "tokens" indexes Karpathy files as the reference does), and per input its path, sha256 and
-    record count."""
+                            text: str = DATASTORE_TEXT) -> tuple[list[CaptionRecord], list[dict]]:
+    """The caption records a datastore build reads from `inputs` (`smallcap.data.read_captions`; text rule
+    "tokens" by default: Karpathy files as the reference indexes them, "raw" their sentences as written), and per
+    input its path, sha256 and record count."""
     records: list[CaptionRecord] = []
     input_info = []
     for path in inputs:
@@ -173,7 +173,7 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
                     index: str = "auto", max_tokens: int | None = 25, tokenizer: Any = DEFAULT_LENGTH_TOKENIZER,
                     dedupe: bool = False, batch_size: int = 256, shard_size: int = DEFAULT_SHARD_SIZE,
                     splits: Sequence[str] | None = DATASTORE_SPLITS, format: str | None = None,
-                    column: str = "caption", id_column: str | None = None, text: str = "raw",
+                    column: str = "caption", id_column: str | None = None, text: str = DATASTORE_TEXT,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, overwrite: bool = False, device: str = "cpu",
                     progress: bool = True, embedder: ShardEmbedder | None = None) -> Datastore:
     """Build a datastore from caption files and return it opened.
@@ -231,7 +231,8 @@ def build_datastore(inputs: Sequence[str | Path], out_dir: str | Path, encoder: 
                   "reason": spec.reason, "file": INDEX_FILE},
         "inputs": [{**info, "format": format or "auto"} for info in input_info],
         "filters": {"max_tokens": max_tokens, "tokenizer": tokenizer_name, "dedupe": dedupe,
-                    "splits": None if splits is None else list(splits), "counts": selection.counts},
+                    "splits": None if splits is None else list(splits), "text": text,
+                    "counts": selection.counts},
         "max_captions_per_source": max(per_source.values()),
     }
     sources = np.asarray([source_of[record.source] for record in kept], dtype=np.int32)
