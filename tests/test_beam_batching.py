@@ -109,3 +109,15 @@ def test_packed_lm_head_computes_the_heads_logits():
         torch.testing.assert_close(packed(hidden[:2]), head(hidden[:2]), rtol=1e-5, atol=1e-5)  # fewer rows too
     bfloat16_head = torch.nn.Linear(64, 300, bias=False).to(torch.bfloat16)
     assert packed_lm_head(bfloat16_head, rows=6) is bfloat16_head
+
+
+def test_a_torch_without_the_packing_ops_decodes_with_the_plain_head(monkeypatch):
+    """The packing uses private oneDNN ops; a torch build that lacks them gets the head as it is, not an error."""
+    import smallcap.beam_batching as beam_batching
+
+    def missing(*args, **kwargs):
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_reorder_linear_weight'")
+
+    monkeypatch.setattr(beam_batching.PackedLinear, "__init__", missing)
+    head = torch.nn.Linear(64, 300, bias=False)
+    assert packed_lm_head(head, rows=6) is head

@@ -70,7 +70,10 @@ def packed_lm_head(lm_head: torch.nn.Module, rows: int) -> torch.nn.Module:
     if (type(lm_head) is not torch.nn.Linear or weight.device.type != "cpu" or weight.dtype != torch.float32
             or not torch.backends.mkldnn.is_available()):
         return lm_head
-    return PackedLinear(lm_head, rows)
+    try:  # private oneDNN ops (torch 2.x CPU builds): a build without them decodes with the plain head
+        return PackedLinear(lm_head, rows)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return lm_head
 
 
 class _Slots:
