@@ -14,10 +14,17 @@ the bundle's seed and preset (smallcap.miniworld.export) without training anythi
 before use: its sample images and their captions, its datastores' captions (the world's training captions), and its
 recorded retrieval metrics, recomputed with the bundled mini CLIP on the regenerated test images.
 
+With `--experiment RUN`, the model is instead the one a finished `benchmarks/miniworld.py --work RUN` run trained
+with retrieval (any preset, e.g. the default size), on that run's own test images: its source test split with its
+source datastore, its target test split with its target datastore (results by default in
+benchmarks/results/fast_modes_quality_<preset>_seed<seed>.{json,md}; float32 is checked against the run's recorded
+scores of the same two conditions).
+
 Per mode and test set: captions identical to float32's (n/N), BLEU-4, CIDEr and the CIDEr difference to float32.
 torch and faiss run on one thread (fast-mode kernels, and so captions, can depend on the thread count).
 
     python benchmarks/fast_modes_quality.py [--work DIR] [--out benchmarks/results/fast_modes_quality.json]
+    python benchmarks/fast_modes_quality.py --experiment RUN [--work DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -29,10 +36,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from miniworld_experiment import FinishedRun
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SMALLCAP_SHARED", REPO.parent / "shared"))
@@ -41,6 +52,9 @@ BF16_LOGITS = "bfloat16, logits in bfloat16 (before)"
 MODES = {"float32": [], "bfloat16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"],
          BF16_LOGITS: ["--dtype", "bfloat16"]}
 METRICS = ("BLEU-4", "CIDEr")
+# test set -> the miniworld experiment condition that predicts it the same way in float32 (model "rag")
+RECORDED_CONDITIONS = {"miniworld source test": "source/source datastore",
+                       "miniworld target test": "target/target datastore"}
 
 
 @contextlib.contextmanager
@@ -147,17 +161,33 @@ def test_sets(world: Path) -> dict[str, dict]:
     }
 
 
-def run(work: Path, modes: dict[str, list[str]], batch_size: int = 16) -> dict:
-    """Predict and evaluate every (test set, mode); agreement and CIDEr difference relative to float32."""
+def experiment_test_sets(experiment: FinishedRun) -> dict[str, dict]:
+    """The test sets of a finished miniworld experiment run, read as
+    `test_sets` reads the bundle's: each domain's test split with that domain's datastore."""
+    from miniworld_experiment import karpathy_file
+
+    sets = {}
+    for name, condition in RECORDED_CONDITIONS.items():
+        domain = condition.split("/")[0]
+        data = karpathy_file(experiment.world_dir, experiment.world, domain)
+        sets[name] = {"data": [data, "--split", "test"], "datastore": experiment.datastores[domain],
+                      "references": [data, "--split", "test"]}
+    return sets
+
+
+def run(work: Path, sets: dict[str, dict], modes: dict[str, list[str]], batch_size: int = 16,
+        model: str | Path = "mini") -> dict:
+    """Predict with `model` and evaluate every (test set, mode); agreement and CIDEr difference relative to
+    float32."""
     results: dict[str, dict] = {}
-    for name, spec in test_sets(work / "world").items():
+    for name, spec in sets.items():
         slug = name.replace(" ", "-")
         captions, rows = {}, {}
         for mode, options in modes.items():
             stem = f"{slug}.{'bfloat16-bf16-logits' if mode == BF16_LOGITS else mode}"
             preds, scores = work / f"{stem}.preds.json", work / f"{stem}.scores.json"
             with precision_variant(mode):
-                cli("predict", *spec["data"], "--model", "mini", "--datastore", spec["datastore"], *options,
+                cli("predict", *spec["data"], "--model", model, "--datastore", spec["datastore"], *options,
                     "--batch-size", batch_size, "--out", preds, "--overwrite")
             cli("evaluate", "--references", *spec["references"], "--predictions", preds, "--out", scores,
                 "--metrics", "BLEU,CIDEr")
@@ -176,6 +206,14 @@ def run(work: Path, modes: dict[str, list[str]], batch_size: int = 16) -> dict:
     return results
 
 
+def float32_vs_recorded(results: dict, recorded_cider: dict[str, float], recorded_in: str) -> dict:
+    """float32's CIDEr on the miniworld test sets next to the same model's recorded for the same condition
+    (`recorded_cider`: condition -> CIDEr) in the experiment run `recorded_in` describes."""
+    return {name: {"here": results[name]["float32"]["scores"]["CIDEr"], "recorded": recorded_cider[condition],
+                   "recorded_condition": condition, "recorded_in": recorded_in}
+            for name, condition in RECORDED_CONDITIONS.items()}
+
+
 def recorded_float32_scores(results: dict) -> dict:
     """float32's CIDEr on the miniworld test sets next to the same model's in the recorded seed-0 small-preset run
     of the miniworld experiment (benchmarks/results/miniworld_small_seeds.json), when that file is there."""
@@ -186,10 +224,20 @@ def recorded_float32_scores(results: dict) -> dict:
                 if r["config"]["seed"] == 0 and r["config"]["preset"] == "small"), None)
     if run is None:
         return {}
-    pairs = {"miniworld source test": "source/source datastore", "miniworld target test": "target/target datastore"}
-    return {name: {"here": results[name]["float32"]["scores"]["CIDEr"],
-                   "recorded": run["conditions"][condition]["scores"]["CIDEr"], "recorded_condition": condition}
-            for name, condition in pairs.items()}
+    return float32_vs_recorded(results, {c: run["conditions"][c]["scores"]["CIDEr"] for c in RECORDED_CONDITIONS.values()},
+                               "the recorded seed-0 small-preset experiment run")
+
+
+def experiment_float32_scores(results: dict, experiment: FinishedRun) -> dict:
+    """float32's CIDEr on the experiment run's test sets next to the run's own scores of the same conditions
+    (its predictions/<condition>.scores.json, predicted at batch 32)."""
+    from miniworld_experiment import condition_slug
+
+    recorded = {}
+    for condition in RECORDED_CONDITIONS.values():
+        scores = experiment.work_dir / "predictions" / f"{condition_slug(condition)}.scores.json"
+        recorded[condition] = json.loads(scores.read_text(encoding="utf-8"))["scores"]["CIDEr"]
+    return float32_vs_recorded(results, recorded, f"the run's own predictions in {experiment.work_dir}")
 
 
 def totals(results: dict) -> dict[str, str]:
@@ -201,9 +249,9 @@ def totals(results: dict) -> dict[str, str]:
 
 def markdown(result: dict) -> str:
     """One table: a row per (test set, mode); then the totals and the world checks."""
-    lines = ["# Fast modes on the trained `mini` model: agreement with float32 and CIDEr difference",
+    lines = [f"# Fast modes on the trained {result['model_title']}: agreement with float32 and CIDEr difference",
              "",
-             f"`predict` (batch {result['batch_size']}, beam 3) + `evaluate`, torch and faiss on 1 thread, "
+             f"Model: {result['model']}. `predict` (batch {result['batch_size']}, beam 3) + `evaluate`, torch and faiss on 1 thread, "
              f"{result['environment']['cpu']}, torch {result['environment']['torch']}. CIDEr and BLEU-4 ×100.",
              "",
              "| test set | mode | images | identical to float32 | BLEU-4 | CIDEr | CIDEr − float32 |",
@@ -213,14 +261,15 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | {mode} | {row['images']} | {row['identical_to_float32']} "
                          f"({row['identical_share']:.0%}) | {row['scores']['BLEU-4']:.1f} | {row['scores']['CIDEr']:.1f} "
                          f"| {row['cider_minus_float32']:+.1f} |")
-    lines += ["", "Identical to float32 over all three test sets: "
-              + ", ".join(f"{mode} {count}" for mode, count in result["identical_total"].items()) + ".", "",
-              "The regenerated miniature world is the bundle's: "
-              + "; ".join(str(v) for k, v in result["world_checks"].items() if k != "retrieval_metrics")
-              + "; the bundle's recorded retrieval metrics recomputed on the regenerated test images: equal."]
+    lines += ["", f"Identical to float32 over the {len(result['test_sets'])} test sets together: "
+              + ", ".join(f"{mode} {count}" for mode, count in result["identical_total"].items()) + ".", ""]
+    if "world_checks" in result:
+        lines.append("The regenerated miniature world is the bundle's: "
+                     + "; ".join(str(v) for k, v in result["world_checks"].items() if k != "retrieval_metrics")
+                     + "; the bundle's recorded retrieval metrics recomputed on the regenerated test images: equal.")
     for name, scores in result["float32_vs_recorded_run"].items():
-        lines.append(f"float32 CIDEr on {name}: {scores['here']:.2f} here, {scores['recorded']:.2f} in the recorded "
-                     f"seed-0 small-preset experiment run ({scores['recorded_condition']}).")
+        lines.append(f"float32 CIDEr on {name}: {scores['here']:.2f} here, {scores['recorded']:.2f} in "
+                     f"{scores['recorded_in']} ({scores['recorded_condition']}).")
     return "\n".join(lines) + "\n"
 
 
@@ -228,8 +277,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, removed after)")
     parser.add_argument("--batch-size", type=int, default=16, help="predict's batch size (its default, 16)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fast_modes_quality.json")
+    parser.add_argument("--experiment", type=Path, help="a finished `benchmarks/miniworld.py --work RUN` run: "
+                        "measure its retrieval-trained model on its own test splits instead of the bundled model")
+    parser.add_argument("--out", type=Path, help="results JSON (markdown beside it); default "
+                        "benchmarks/results/fast_modes_quality.json, with --experiment "
+                        "fast_modes_quality_<preset>_seed<seed>.json")
     args = parser.parse_args(argv)
+    # the benchmarks folder is on sys.path when run as a script
+    from miniworld_experiment import environment, finished_run
+
+    from smallcap.errors import SmallCapError
+
+    experiment = None
+    if args.experiment is not None:
+        try:
+            experiment = finished_run(args.experiment)  # refused before any work when it is not a finished run
+        except SmallCapError as error:
+            parser.error(str(error))
+    results_dir = REPO / "benchmarks" / "results"
+    args.out = args.out or (results_dir / "fast_modes_quality.json" if experiment is None else results_dir /
+                            f"fast_modes_quality_{experiment.config['preset']}_seed{experiment.config['seed']}.json")
 
     import faiss
     import torch
@@ -238,13 +305,23 @@ def main(argv: list[str] | None = None) -> dict:
     faiss.omp_set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="fast-modes-quality-") as tmp:
         work = args.work or Path(tmp)
-        world = regenerate_world(work / "world")
-        result = {"model": "mini (bundled; small-preset miniature world, seed 0)",
-                  "batch_size": args.batch_size, "world_checks": json.loads((world / "checks.json").read_text()),
-                  "test_sets": run(work, MODES, args.batch_size)}
+        if experiment is None:
+            world = regenerate_world(work / "world")
+            result = {"model": "mini (bundled; small-preset miniature world, seed 0)", "model_title": "`mini` model",
+                      "batch_size": args.batch_size, "world_checks": json.loads((world / "checks.json").read_text()),
+                      "test_sets": run(work, test_sets(world), MODES, args.batch_size)}
+            result["float32_vs_recorded_run"] = recorded_float32_scores(result["test_sets"])
+        else:
+            config = experiment.config
+            result = {"model": f"{experiment.models['rag']} (trained with retrieval on the source domain of a "
+                               f"{config['preset']}-preset miniature world, seed {config['seed']}; "
+                               f"{sum(experiment.world['domains']['source']['images'].values())} images per domain)",
+                      "model_title": f"{config['preset']}-size miniature-world model",
+                      "batch_size": args.batch_size, "experiment": str(experiment.work_dir),
+                      "test_sets": run(work, experiment_test_sets(experiment), MODES, args.batch_size,
+                                       model=experiment.models["rag"])}
+            result["float32_vs_recorded_run"] = experiment_float32_scores(result["test_sets"], experiment)
     result["identical_total"] = totals(result["test_sets"])
-    result["float32_vs_recorded_run"] = recorded_float32_scores(result["test_sets"])
-    from miniworld_experiment import environment  # the benchmarks folder is on sys.path when run as a script
 
     result["environment"] = environment()
     args.out.parent.mkdir(parents=True, exist_ok=True)

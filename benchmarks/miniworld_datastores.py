@@ -29,8 +29,10 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from miniworld_experiment import (METRICS, build_datastores, caption_statistics, cli, environment,  # noqa: E402
+from miniworld_experiment import (METRICS, caption_statistics, cli, environment, finished_run,  # noqa: E402
                                   karpathy_file, write_results)
+
+from smallcap.errors import SmallCapError  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Corpus sizes per domain, as multiples of the world's dataset images per domain: the web store is larger than the
@@ -71,12 +73,10 @@ def corpus_summary(work: Path) -> dict:
 
 def run(work: Path, domain: str = "target") -> dict:
     """Predict and score the test images of `domain` with every datastore combination; returns the results."""
-    world = json.loads((work / "world" / "world.json").read_text(encoding="utf-8"))
-    stores = build_datastores(work / "world", world, work / "datastores")
+    finished = finished_run(work)
+    world, stores, model = finished.world, dict(finished.datastores), finished.models["rag"]
     encoder = json.loads((stores["source"] / "manifest.json").read_text())["encoder"]["name"]
     stores.update(build_corpora(world, work, encoder))
-    epochs = json.loads((work / "experiment.json").read_text(encoding="utf-8"))["training"]["epochs"]
-    model = work / "training" / "rag" / f"epoch-{epochs}"
     data = karpathy_file(work / "world", world, domain)
     out_dir = work / "datastore_kinds"
     results = {}
@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domain", default="target", choices=["source", "target"], help="test domain")
     parser.add_argument("--out", type=Path, default=RESULTS / "miniworld_datastores.json")
     args = parser.parse_args(argv)
-    if not (args.work / "training" / "rag").is_dir():
-        parser.error(f"{args.work} holds no finished miniworld run (no training/rag); run benchmarks/miniworld.py "
-                     "--work DIR first")
+    try:
+        finished_run(args.work)  # refused before any work when it is not a finished run
+    except SmallCapError as error:
+        parser.error(str(error))
     transformers_logging.set_verbosity_error()
     results = run(args.work, args.domain)
     write_results(args.out, results, markdown(results))

@@ -85,6 +85,47 @@ class ExperimentConfig:
             self.training = replace(TRAINING_PRESETS[self.preset])
 
 
+@dataclass
+class FinishedRun:
+    """The parts of a finished `benchmarks/miniworld.py --work DIR` run that later benchmarks reuse."""
+
+    work_dir: Path
+    config: dict  # its experiment.json
+    world_dir: Path
+    world: dict  # its world.json
+    datastores: dict[str, Path]  # domain -> datastore of the domain's training captions
+    models: dict[str, Path]  # "rag" / "plain" -> final checkpoint
+
+
+def finished_run(work_dir: str | Path) -> FinishedRun:
+    """The finished experiment run in `work_dir`, laid out as `run_experiment` writes it; SmallCapError naming the
+    first missing part when it is not there (or not finished)."""
+    work_dir = Path(work_dir)
+    needed = [work_dir / "experiment.json", work_dir / "world" / "world.json"]
+    for path in needed:
+        if not path.is_file():
+            raise SmallCapError(f"{work_dir} is not a finished miniworld experiment run: {path} is missing "
+                                f"(run `python benchmarks/miniworld.py --work {work_dir}` first)")
+    config = json.loads(needed[0].read_text(encoding="utf-8"))
+    world = json.loads(needed[1].read_text(encoding="utf-8"))
+    run = FinishedRun(work_dir, config, work_dir / "world", world,
+                      {domain: work_dir / "datastores" / domain for domain in world["domains"]},
+                      {name: work_dir / "training" / name / f"epoch-{config['training']['epochs']}"
+                       for name in ("rag", "plain")})
+    for path in ([store / "manifest.json" for store in run.datastores.values()]
+                 + [model / "config.json" for model in run.models.values()]):
+        if not path.is_file():
+            raise SmallCapError(f"{work_dir} is not a finished miniworld experiment run: {path} is missing "
+                                f"(rerun `python benchmarks/miniworld.py --work {work_dir}` with its configuration "
+                                "to finish it)")
+    return run
+
+
+def condition_slug(name: str) -> str:
+    """The file-name stem of a condition's predictions and scores (`predictions/<slug>.preds.json`)."""
+    return name.replace("/", "_").replace(" ", "-").replace("+", "-")
+
+
 def cli(*args) -> None:
     """Run one `smallcap` command in this process, exactly as the command line does; fail on a non-zero exit."""
     from smallcap.cli import main
@@ -176,7 +217,7 @@ def evaluate_conditions(world_dir: Path, world: dict, stores: dict[str, Path], m
     """Predict and score every condition on its domain's test split; adds word and content statistics."""
     results = {}
     for name, domain, model, datastores in CONDITIONS:
-        slug = name.replace("/", "_").replace(" ", "-").replace("+", "-")
+        slug = condition_slug(name)
         preds, scores = out_dir / f"{slug}.preds.json", out_dir / f"{slug}.scores.json"
         data = karpathy_file(world_dir, world, domain)
         if datastores == ("oracle",):

@@ -194,9 +194,8 @@ def test_throughput_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert "| ×3 | reference loop" in (tmp_path / "throughput.md").read_text()
 
 
-def test_quality_benchmark_regenerates_the_bundles_world(tmp_path, monkeypatch):
-    """benchmarks/fast_modes_quality.py measures the bundled model on its own miniature world's test images, which
-    it regenerates from the bundle's seed and preset: that world must be the bundle's, and another one is refused."""
+def _quality_benchmark():
+    """benchmarks/fast_modes_quality.py, loaded as a module."""
     import importlib.util
 
     from conftest import REPO
@@ -204,6 +203,13 @@ def test_quality_benchmark_regenerates_the_bundles_world(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("fast_modes_quality", REPO / "benchmarks/fast_modes_quality.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_quality_benchmark_regenerates_the_bundles_world(tmp_path, monkeypatch):
+    """benchmarks/fast_modes_quality.py measures the bundled model on its own miniature world's test images, which
+    it regenerates from the bundle's seed and preset: that world must be the bundle's, and another one is refused."""
+    benchmark = _quality_benchmark()
     world = benchmark.regenerate_world(tmp_path / "world")
     recorded = benchmark.bundle_record()["world"]["pretraining_metrics"]["retrieval"]
     checks = json.loads((world / "checks.json").read_text())
@@ -216,3 +222,25 @@ def test_quality_benchmark_regenerates_the_bundles_world(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "bundle_record", lambda: record)
     with pytest.raises(RuntimeError, match="differs from the bundle's sample"):
         benchmark.regenerate_world(tmp_path / "other")
+
+
+def test_quality_benchmark_refuses_an_unfinished_experiment_before_any_work(tmp_path, monkeypatch, capsys):
+    """`fast_modes_quality.py --experiment RUN` (a miniworld run's trained model) names the missing part of a run
+    that is absent or unfinished, and writes nothing (tests/test_small_world.py measures a finished one)."""
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as when run as a script
+    benchmark = _quality_benchmark()
+    out = tmp_path / "quality.json"
+    with pytest.raises(SystemExit) as refused:
+        benchmark.main(["--experiment", str(tmp_path / "run"), "--out", str(out)])
+    assert refused.value.code == 2 and "run/experiment.json is missing" in capsys.readouterr().err
+    (tmp_path / "run" / "world").mkdir(parents=True)
+    (tmp_path / "run" / "experiment.json").write_text(json.dumps({"seed": 0, "preset": "small",
+                                                                  "training": {"epochs": 3}}))
+    (tmp_path / "run" / "world" / "world.json").write_text(json.dumps({"domains": {"source": {}, "target": {}}}))
+    (tmp_path / "run" / "datastores" / "source").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        benchmark.main(["--experiment", str(tmp_path / "run"), "--out", str(out)])
+    assert "datastores/source/manifest.json is missing" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
