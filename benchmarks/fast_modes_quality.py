@@ -14,11 +14,11 @@ the bundle's seed and preset (smallcap.miniworld.export) without training anythi
 before use: its sample images and their captions, its datastores' captions (the world's training captions), and its
 recorded retrieval metrics, recomputed with the bundled mini CLIP on the regenerated test images.
 
-With `--experiment RUN`, the model is instead the one a finished `benchmarks/miniworld.py --work RUN` run trained
+With `--experiment RUN`, the model is instead the one a `benchmarks/miniworld.py --work RUN` run trained
 with retrieval (any preset, e.g. the default size), on that run's own test images: its source test split with its
 source datastore, its target test split with its target datastore (results by default in
 benchmarks/results/fast_modes_quality_<preset>_seed<seed>.{json,md}; float32 is checked against the run's recorded
-scores of the same two conditions).
+scores of the same two conditions once it has them).
 
 Per mode and test set: captions identical to float32's (n/N), BLEU-4, CIDEr and the CIDEr difference to float32.
 torch and faiss run on one thread (fast-mode kernels, and so captions, can depend on the thread count).
@@ -230,12 +230,14 @@ def recorded_float32_scores(results: dict) -> dict:
 
 def experiment_float32_scores(results: dict, experiment: FinishedRun) -> dict:
     """float32's CIDEr on the experiment run's test sets next to the run's own scores of the same conditions
-    (its predictions/<condition>.scores.json, predicted at batch 32)."""
+    (its predictions/<condition>.scores.json, predicted at batch 32), when the run has evaluated them."""
     from miniworld_experiment import condition_slug
 
     recorded = {}
     for condition in RECORDED_CONDITIONS.values():
         scores = experiment.work_dir / "predictions" / f"{condition_slug(condition)}.scores.json"
+        if not scores.is_file():
+            return {}
         recorded[condition] = json.loads(scores.read_text(encoding="utf-8"))["scores"]["CIDEr"]
     return float32_vs_recorded(results, recorded, f"the run's own predictions in {experiment.work_dir}")
 
@@ -277,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, removed after)")
     parser.add_argument("--batch-size", type=int, default=16, help="predict's batch size (its default, 16)")
-    parser.add_argument("--experiment", type=Path, help="a finished `benchmarks/miniworld.py --work RUN` run: "
-                        "measure its retrieval-trained model on its own test splits instead of the bundled model")
+    parser.add_argument("--experiment", type=Path, help="a `benchmarks/miniworld.py --work RUN` run that has "
+                        "trained its model with retrieval: measure that model on its own test splits instead of the bundled model")
     parser.add_argument("--out", type=Path, help="results JSON (markdown beside it); default "
                         "benchmarks/results/fast_modes_quality.json, with --experiment "
                         "fast_modes_quality_<preset>_seed<seed>.json")
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     experiment = None
     if args.experiment is not None:
         try:
-            experiment = finished_run(args.experiment)  # refused before any work when it is not a finished run
+            # refused before any work unless its datastores and retrieval-trained model are there
+            experiment = finished_run(args.experiment, models=("rag",))
         except SmallCapError as error:
             parser.error(str(error))
     results_dir = REPO / "benchmarks" / "results"

@@ -97,9 +97,9 @@ class FinishedRun:
     models: dict[str, Path]  # "rag" / "plain" -> final checkpoint
 
 
-def finished_run(work_dir: str | Path) -> FinishedRun:
-    """The finished experiment run in `work_dir`, laid out as `run_experiment` writes it; SmallCapError naming the
-    first missing part when it is not there (or not finished)."""
+def finished_run(work_dir: str | Path, models: tuple[str, ...] = ("rag", "plain")) -> FinishedRun:
+    """The experiment run in `work_dir`, laid out as `run_experiment` writes it, with its datastores and the final
+    checkpoints of `models` finished (its evaluation need not be); SmallCapError naming the first missing part."""
     work_dir = Path(work_dir)
     needed = [work_dir / "experiment.json", work_dir / "world" / "world.json"]
     for path in needed:
@@ -111,7 +111,7 @@ def finished_run(work_dir: str | Path) -> FinishedRun:
     run = FinishedRun(work_dir, config, work_dir / "world", world,
                       {domain: work_dir / "datastores" / domain for domain in world["domains"]},
                       {name: work_dir / "training" / name / f"epoch-{config['training']['epochs']}"
-                       for name in ("rag", "plain")})
+                       for name in models})
     for path in ([store / "manifest.json" for store in run.datastores.values()]
                  + [model / "config.json" for model in run.models.values()]):
         if not path.is_file():
