@@ -34,8 +34,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest file first: with `--dist loadfile` a worker takes whole files in this order, and the small world's
-    build, pretraining and pipeline (test_small_world.py, ~15 min on one thread) would otherwise start last."""
+    """Longest file first: with `--dist loadfile --no-loadscope-reorder` (pyproject.toml) the workers take whole
+    files in this order, and the small world's build, pretraining and pipeline (test_small_world.py, 8-12 min on one
+    thread), which bounds the suite's wall time, would otherwise start minutes late."""
     items.sort(key=lambda item: item.path.name != "test_small_world.py")
 
 
