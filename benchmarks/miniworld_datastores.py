@@ -29,8 +29,8 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from miniworld_experiment import (METRICS, caption_statistics, cli, environment, finished_run,  # noqa: E402
-                                  karpathy_file, write_results)
+from miniworld_experiment import (METRICS, FinishedRun, caption_statistics, cli, environment,  # noqa: E402
+                                  finished_run, karpathy_file, write_results)
 
 from smallcap.errors import SmallCapError  # noqa: E402
 
@@ -71,9 +71,9 @@ def corpus_summary(work: Path) -> dict:
     return summary
 
 
-def run(work: Path, domain: str = "target") -> dict:
+def run(finished: FinishedRun, domain: str = "target") -> dict:
     """Predict and score the test images of `domain` with every datastore combination; returns the results."""
-    finished = finished_run(work)
+    work = finished.work_dir
     world, stores, model = finished.world, dict(finished.datastores), finished.models["rag"]
     encoder = json.loads((stores["source"] / "manifest.json").read_text())["encoder"]["name"]
     stores.update(build_corpora(world, work, encoder))
@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "miniworld_datastores.json")
     args = parser.parse_args(argv)
     try:
-        finished_run(args.work)  # refused before any work when it is not a finished run
+        finished = finished_run(args.work)  # refused before any work when it is not a finished run
     except SmallCapError as error:
         parser.error(str(error))
     transformers_logging.set_verbosity_error()
-    results = run(args.work, args.domain)
+    results = run(finished, args.domain)
     write_results(args.out, results, markdown(results))
     return 0
 
