@@ -48,7 +48,7 @@ def run_seeds(args: argparse.Namespace) -> list[dict]:
                                       lm_steps=args.lm_steps, retriever_steps=args.retriever_steps,
                                       training=training)
             runs.append(run_experiment(work / f"seed-{seed}" if len(args.seeds) > 1 else work, config,
-                                       progress=not args.quiet))
+                                       progress=not args.quiet, jobs=args.jobs))
     finally:
         if args.work is None and not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
@@ -107,10 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one); finished stages "
                         "found there are reused")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary working directory")
+    parser.add_argument("--jobs", type=int, default=1, help="processes for the independent trainings (2: mini CLIP "
+                        "beside mini GPT-2, SmallCap with beside without retrieval; same results, each on this "
+                        "process's torch threads)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", type=Path, default=RESULTS / "miniworld.json")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or [args.seed]
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     results, markdown = report(run_seeds(args))
     atomic_write_json(args.out, results)

@@ -29,6 +29,7 @@ import platform
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -126,17 +127,35 @@ def condition_slug(name: str) -> str:
     return name.replace("/", "_").replace(" ", "-").replace("+", "-")
 
 
-def cli(*args) -> None:
-    """Run one `smallcap` command in this process, exactly as the command line does; fail on a non-zero exit."""
-    from smallcap.cli import main
-
+def cli(*args, subprocess: bool = False) -> None:
+    """Run one `smallcap` command in this process, exactly as the command line does (or, with `subprocess`, in a
+    new interpreter on this process's torch thread count); fail on a non-zero exit."""
     args = [str(arg) for arg in args]
-    code = main(args)
+    if subprocess:
+        code, detail = _cli_subprocess(args)
+    else:
+        from smallcap.cli import main
+
+        code, detail = main(args), ""
     if code != 0:
-        raise SmallCapError(f"`smallcap {' '.join(args)}` exited with {code}")
+        raise SmallCapError(f"`smallcap {' '.join(args)}` exited with {code}{detail}")
 
 
-def build_world_dir(out_dir: Path, config: ExperimentConfig, progress: bool = True) -> dict:
+def _cli_subprocess(args: list[str]) -> tuple[int, str]:
+    import subprocess
+
+    import torch
+
+    import smallcap
+
+    package_root = str(Path(smallcap.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "smallcap", *args], env=env, capture_output=True, text=True)
+    return result.returncode, (f":\n{result.stderr[-3000:]}" if result.returncode else "")
+
+
+def build_world_dir(out_dir: Path, config: ExperimentConfig, progress: bool = True, jobs: int = 1) -> dict:
     """Build (or reuse, when it exists with the same seed and recipe) the world under `out_dir`."""
     from smallcap.miniworld.build import build_world, load_world_json, recipe_with
 
@@ -147,7 +166,7 @@ def build_world_dir(out_dir: Path, config: ExperimentConfig, progress: bool = Tr
         world = load_world_json(out_dir)
         if world["seed"] == config.seed and world["recipe"] == json.loads(json.dumps(asdict(recipe))):
             return world
-    return build_world(out_dir, seed=config.seed, recipe=recipe, overwrite=True, progress=progress)
+    return build_world(out_dir, seed=config.seed, recipe=recipe, overwrite=True, progress=progress, jobs=jobs)
 
 
 def karpathy_file(world_dir: Path, world: dict, domain: str) -> Path:
@@ -175,13 +194,26 @@ def build_datastores(world_dir: Path, world: dict, out_dir: Path) -> dict[str, P
 
 
 def train_models(world_dir: Path, world: dict, stores: dict[str, Path], out_dir: Path,
-                 recipe: TrainingRecipe, seed: int) -> dict[str, Path]:
+                 recipe: TrainingRecipe, seed: int, jobs: int = 1) -> dict[str, Path]:
     """Train SmallCap on the source domain's training split: with retrieval ("rag") and without ("plain").
 
     Both share one feature cache; training retrieval comes from the source datastore (own captions dropped).
+    With `jobs` >= 2 the two trainings run side by side, each in its own process (same checkpoints: training
+    seeds itself and reads the features cached first).
     """
-    return {name: train_model(world_dir, world, stores, out_dir, name, recipe, seed, retrieval=(name == "rag"))
-            for name in ("rag", "plain")}
+    names = ("rag", "plain")
+    if jobs < 2:
+        return {name: train_model(world_dir, world, stores, out_dir, name, recipe, seed, retrieval=(name == "rag"))
+                for name in names}
+    features = out_dir / "features"
+    if not (features / "manifest.json").is_file():
+        cli("features", "extract", karpathy_file(world_dir, world, "source"), "--model",
+            world_dir / world["models"]["clip"], "--out", features, "--split", "train")
+    training_retrieval(world, world_dir, stores, out_dir, keep=max(7, recipe.k))
+    with ThreadPoolExecutor(min(jobs, len(names))) as pool:
+        runs = {name: pool.submit(train_model, world_dir, world, stores, out_dir, name, recipe, seed,
+                                  retrieval=(name == "rag"), subprocess=True) for name in names}
+        return {name: run.result() for name, run in runs.items()}
 
 
 def training_retrieval(world: dict, world_dir: Path, stores: dict[str, Path], out_dir: Path, keep: int = 7) -> Path:
@@ -195,9 +227,9 @@ def training_retrieval(world: dict, world_dir: Path, stores: dict[str, Path], ou
 
 
 def train_model(world_dir: Path, world: dict, stores: dict[str, Path], out_dir: Path, name: str,
-                recipe: TrainingRecipe, seed: int, retrieval: bool = True) -> Path:
+                recipe: TrainingRecipe, seed: int, retrieval: bool = True, subprocess: bool = False) -> Path:
     """One `smallcap train` run on the source domain under `out_dir/name` (resumed if interrupted, reused if
-    finished); returns its final checkpoint."""
+    finished; in a new interpreter with `subprocess`); returns its final checkpoint."""
     retrieval_args = (["--retrieved", training_retrieval(world, world_dir, stores, out_dir, keep=max(7, recipe.k))]
                       if retrieval else ["--no-retrieval"])
     run_dir = out_dir / name
@@ -208,7 +240,7 @@ def train_model(world_dir: Path, world: dict, stores: dict[str, Path], out_dir: 
             "--decoder", world_dir / world["models"]["gpt2"], "--features", out_dir / "features",
             "--epochs", recipe.epochs, "--batch-size", recipe.batch_size, "--lr", recipe.lr,
             "--reduce-factor", recipe.reduce_factor, "--k", recipe.k, "--seed", seed, "--no-progress",
-            *(["--resume"] if any(run_dir.glob("*/training_state")) else []))
+            *(["--resume"] if any(run_dir.glob("*/training_state")) else []), subprocess=subprocess)
     return final
 
 
@@ -303,10 +335,11 @@ def _mean(flags) -> float:
     return round(sum(flags) / len(flags), 4) if flags else 0.0
 
 
-def run_experiment(work_dir: str | Path, config: ExperimentConfig, progress: bool = True) -> dict:
+def run_experiment(work_dir: str | Path, config: ExperimentConfig, progress: bool = True, jobs: int = 1) -> dict:
     """World -> datastores -> training -> predictions -> scores under `work_dir`; returns the results with
     per-stage timings. Rerun on the same `work_dir` with the same configuration, finished stages are reused (an
-    interrupted run continues)."""
+    interrupted run continues). `jobs` >= 2 runs the independent trainings (mini CLIP and mini GPT-2; SmallCap
+    with and without retrieval) side by side in separate processes, with the same results."""
     from smallcap.io import atomic_write_json
 
     work_dir = Path(work_dir)
@@ -323,11 +356,12 @@ def run_experiment(work_dir: str | Path, config: ExperimentConfig, progress: boo
         timings[stage] = round(time.perf_counter() - started - sum(timings.values()), 1)
 
     world_dir = work_dir / "world"
-    world = build_world_dir(world_dir, config, progress)
+    world = build_world_dir(world_dir, config, progress, jobs)
     lap("world_and_pretraining")
     stores = build_datastores(world_dir, world, work_dir / "datastores")
     lap("datastores")
-    models = train_models(world_dir, world, stores, work_dir / "training", config.training, config.seed)
+    models = train_models(world_dir, world, stores, work_dir / "training", config.training, config.seed,
+                          jobs)
     lap("training")
     conditions = evaluate_conditions(world_dir, world, stores, models, work_dir / "predictions")
     lap("predict_and_evaluate")
@@ -337,7 +371,7 @@ def run_experiment(work_dir: str | Path, config: ExperimentConfig, progress: boo
                                                  "pretraining_metrics": world["metrics"],
                                                  "pretraining_timings_s": world["timings_s"]},
             "conditions": conditions, "effects": effects(conditions), "timings_s": timings,
-            "environment": environment()}
+            "environment": {**environment(), "jobs": jobs}}
 
 
 def effects(conditions: dict[str, dict], metric: str = "CIDEr") -> dict[str, float]:

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-tokenizer", type=Path, help="real CLIP tokenizer files to cut the mini one from "
                         "(default: $SMALLCAP_SHARED/data/tokenizers/clip)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes: 2 trains the mini GPT-2 beside the mini CLIP "
+                        "(same models; each uses --threads threads)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.web_images_per_domain, args.clip_steps, args.lm_steps)
     try:
         report = build_world(args.out, seed=args.seed, recipe=recipe, clip_tokenizer_dir=args.clip_tokenizer,
-                             overwrite=args.overwrite, progress=not args.quiet)
+                             overwrite=args.overwrite, progress=not args.quiet, jobs=args.jobs)
     except SmallCapError as error:
         print(f"build_miniworld: error: {error}", file=sys.stderr)
         return 2

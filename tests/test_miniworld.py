@@ -127,3 +127,22 @@ def test_a_world_with_a_separate_retriever_trains_it_further_and_datastores_acce
             "--tokenizer", str(tmp_path / "world" / "models" / "gpt2"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["count"] == 16 * 5 and manifest["encoder"]["name"].endswith("models/retriever")
+
+
+def test_two_jobs_build_the_same_world_as_one(tmp_path):
+    """`build_world(jobs=2)` trains the mini GPT-2 in a second process beside the mini CLIP: same files, same
+    metrics as the one-process build (each training seeds itself), and the report says how it was built."""
+    import torch
+
+    from smallcap.miniworld.build import build_world, recipe_with
+
+    recipe = recipe_with("small", images_per_domain=20, web_images_per_domain=12, clip_steps=4, lm_steps=3)
+    recipe.clip.batch_size = 6
+    torch.set_num_threads(1)
+    worlds = {jobs: build_world(tmp_path / f"jobs{jobs}", seed=0, recipe=recipe, clip_tokenizer_dir=CLIP_TOKENIZER_DIR,
+                                progress=False, jobs=jobs) for jobs in (1, 2)}
+    assert worlds[1]["metrics"] == worlds[2]["metrics"]
+    assert [worlds[j]["environment"]["jobs"] for j in (1, 2)] == [1, 2]
+    digests = {jobs: {name: digest for name, digest in _file_digests(tmp_path / f"jobs{jobs}").items()
+                      if name != "world.json"} for jobs in (1, 2)}
+    assert digests[1] == digests[2] and "models/gpt2/model.safetensors" in digests[1]

@@ -33,12 +33,13 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory) -> Path:
-    """The small miniworld (seed 0), built once with `scripts/build_miniworld.py OUT --small` the way
-    a user runs it. It lies at RUN/world so that the pipeline test's `benchmarks/miniworld.py --work RUN` reuses it
+    """The small miniworld (seed 0), built once with `scripts/build_miniworld.py OUT --small --jobs 2` the way
+    a user runs it (mini CLIP and mini GPT-2 train side by side: the same models, and this file bounds the suite's
+    wall time). It lies at RUN/world so that the pipeline test's `benchmarks/miniworld.py --work RUN` reuses it
     (same seed and preset) instead of building and pretraining it a second time."""
     out = tmp_path_factory.mktemp("miniworld") / "run" / "world"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_miniworld.py"), str(out), "--small",
-                             "--quiet", "--threads", "1", "--clip-tokenizer", str(CLIP_TOKENIZER_DIR)],
+                             "--quiet", "--threads", "1", "--jobs", "2", "--clip-tokenizer", str(CLIP_TOKENIZER_DIR)],
                             capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr
     return out
@@ -61,7 +62,7 @@ def experiment(small_world) -> tuple[dict, Path]:
     out = work.parent / "results.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "miniworld.py"), "--preset", "small", "--seed", "0",
-         "--work", str(work), "--out", str(out), "--quiet"],
+         "--work", str(work), "--out", str(out), "--quiet", "--jobs", "2"],
         capture_output=True, text=True, timeout=1500,
         env={**os.environ, "PYTHONPATH": str(REPO / "src"), **OFFLINE})
     assert result.returncode == 0, result.stderr[-3000:]

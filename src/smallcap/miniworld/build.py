@@ -13,10 +13,13 @@ Layout of the output directory:
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -63,8 +66,14 @@ PRESETS = {
 
 def build_world(out_dir: str | Path, seed: int = 0, recipe: WorldRecipe | None = None,
                 clip_tokenizer_dir: str | Path | None = None, overwrite: bool = False,
-                progress: bool = True) -> dict:
-    """Generate the world under `out_dir` (atomically: complete or absent) and return its `world.json` content."""
+                progress: bool = True, jobs: int = 1) -> dict:
+    """Generate the world under `out_dir` (atomically: complete or absent) and return its `world.json` content.
+
+    With `jobs` >= 2 the mini GPT-2 trains in a second process while the mini CLIP trains in this one, each on
+    this process's torch thread count; the models are the same as with `jobs=1` (each training seeds itself).
+    """
+    if jobs < 1:
+        raise SmallCapError(f"jobs must be at least 1, got {jobs}")
     recipe = recipe or PRESETS["default"]
     clip_tokenizer_dir = Path(clip_tokenizer_dir or default_clip_tokenizer_dir())
     if not (clip_tokenizer_dir / "merges.txt").is_file() or not (clip_tokenizer_dir / "vocab.json").is_file():
@@ -92,23 +101,14 @@ def build_world(out_dir: str | Path, seed: int = 0, recipe: WorldRecipe | None =
         clip_tokenizer = prune_clip_tokenizer(clip_tokenizer_dir, captions, tmp / "models" / "clip")
         lap("tokenizers")
 
-        clip = train_clip(web_pixels, [i.captions for i in web], clip_tokenizer, recipe.clip, seed=seed,
-                          group_size=recipe.shape_variants, progress=progress)
-        clip.save_pretrained(tmp / "models" / "clip")
-        image_processor().save_pretrained(tmp / "models" / "clip")
-        lap("clip")
-        retrieval = _retrieval_report(tmp / "models" / "clip", images, seed)
-        lap("clip_eval")
-        if recipe.retriever is not None:
-            retriever = train_clip(web_pixels, [i.captions for i in web], clip_tokenizer, recipe.retriever,
-                                   seed=seed + 1, group_size=recipe.shape_variants, progress=progress, init=clip)
-            retriever.save_pretrained(tmp / "models" / "retriever")
-            clip_tokenizer.save_pretrained(tmp / "models" / "retriever")
-            image_processor().save_pretrained(tmp / "models" / "retriever")
-            retriever_report = _retrieval_report(tmp / "models" / "retriever", images, seed)
-            lap("retriever")
-
-        lm = train_lm(web, gpt2_tokenizer, recipe.lm, seed=seed, progress=progress)
+        pool = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if jobs > 1
+                else nullcontext())
+        with pool:
+            lm_job = (pool.submit(_train_lm_with_threads, web, gpt2_tokenizer, recipe.lm, seed, torch.get_num_threads())
+                      if jobs > 1 else None)
+            clip_reports = _train_clips(tmp, web, web_pixels, images, clip_tokenizer, recipe, seed, progress, lap)
+            lm = (lm_job.result() if lm_job is not None
+                  else train_lm(web, gpt2_tokenizer, recipe.lm, seed=seed, progress=progress))
         lm.save_pretrained(tmp / "models" / "gpt2")
         lap("gpt2")
         train = [image for image in images if image.split == "train"]
@@ -118,12 +118,42 @@ def build_world(out_dir: str | Path, seed: int = 0, recipe: WorldRecipe | None =
                     for domain in DOMAINS}
         lap("gpt2_eval")
 
-        report = _world_json(seed, recipe, images, gpt2_tokenizer, retrieval, language, timings)
+        report = _world_json(seed, recipe, images, gpt2_tokenizer, clip_reports["clip"], language, timings)
         if recipe.retriever is not None:
-            report["metrics"]["retriever_retrieval"] = retriever_report
+            report["metrics"]["retriever_retrieval"] = clip_reports["retriever"]
+        report["environment"]["jobs"] = jobs
         report["timings_s"]["total"] = round(time.perf_counter() - started, 2)
         atomic_write_json(tmp / "world.json", report)
     return report
+
+
+def _train_clips(tmp: Path, web, web_pixels, images, clip_tokenizer, recipe: WorldRecipe, seed: int, progress: bool,
+                 lap) -> dict[str, dict]:
+    """Train, save and evaluate the captioning mini CLIP and, when the recipe has one, the separate retriever;
+    returns their retrieval reports by name ("clip", "retriever")."""
+    reports = {}
+    clip = train_clip(web_pixels, [i.captions for i in web], clip_tokenizer, recipe.clip, seed=seed,
+                      group_size=recipe.shape_variants, progress=progress)
+    clip.save_pretrained(tmp / "models" / "clip")
+    image_processor().save_pretrained(tmp / "models" / "clip")
+    lap("clip")
+    reports["clip"] = _retrieval_report(tmp / "models" / "clip", images, seed)
+    lap("clip_eval")
+    if recipe.retriever is not None:
+        retriever = train_clip(web_pixels, [i.captions for i in web], clip_tokenizer, recipe.retriever,
+                               seed=seed + 1, group_size=recipe.shape_variants, progress=progress, init=clip)
+        retriever.save_pretrained(tmp / "models" / "retriever")
+        clip_tokenizer.save_pretrained(tmp / "models" / "retriever")
+        image_processor().save_pretrained(tmp / "models" / "retriever")
+        reports["retriever"] = _retrieval_report(tmp / "models" / "retriever", images, seed)
+        lap("retriever")
+    return reports
+
+
+def _train_lm_with_threads(web, tokenizer, recipe: LMRecipe, seed: int, threads: int):
+    """`train_lm` in a worker process, on the parent's torch thread count (results depend on it)."""
+    torch.set_num_threads(threads)
+    return train_lm(web, tokenizer, recipe, seed=seed, progress=False)
 
 
 def _retrieval_report(clip_dir: Path, images, seed: int) -> dict:
