@@ -46,6 +46,7 @@ def run_seeds(args: argparse.Namespace) -> list[dict]:
             config = ExperimentConfig(seed=seed, preset=args.preset, images_per_domain=args.images_per_domain,
                                       web_images_per_domain=args.web_images_per_domain, clip_steps=args.clip_steps,
                                       lm_steps=args.lm_steps, retriever_steps=args.retriever_steps,
+                                      retriever_web_images_per_domain=args.retriever_web_images_per_domain,
                                       training=training)
             runs.append(run_experiment(work / f"seed-{seed}" if len(args.seeds) > 1 else work, config,
                                        progress=not args.quiet, jobs=args.jobs))
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lm-steps", type=int, help="mini GPT-2 pretraining steps")
     parser.add_argument("--retriever-steps", type=int, help="add a separate retrieval encoder: the mini CLIP trained "
                         "this many steps further (the paper retrieves with a stronger CLIP than it encodes with)")
+    parser.add_argument("--retriever-web-images-per-domain", type=int, help="the retriever's own pretraining images "
+                        "per domain (a superset of the mini CLIP's; default: the same images)")
     parser.add_argument("--epochs", type=int, help="SmallCap training epochs (default: the preset's)")
     parser.add_argument("--lr", type=float, help="SmallCap training learning rate (default: the preset's)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one); finished stages "

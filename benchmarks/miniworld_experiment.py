@@ -77,6 +77,7 @@ class ExperimentConfig:
     clip_steps: int | None = None
     lm_steps: int | None = None
     retriever_steps: int | None = None  # a separate, longer-trained retrieval encoder (smallcap.miniworld.build)
+    retriever_web_images_per_domain: int | None = None  # the retriever's own, larger web (default: the CLIP's)
     training: TrainingRecipe | None = None  # None: the preset's (TRAINING_PRESETS)
 
     def __post_init__(self) -> None:
@@ -161,7 +162,8 @@ def build_world_dir(out_dir: Path, config: ExperimentConfig, progress: bool = Tr
 
     recipe = recipe_with(config.preset, images_per_domain=config.images_per_domain,
                          web_images_per_domain=config.web_images_per_domain, clip_steps=config.clip_steps,
-                         lm_steps=config.lm_steps, retriever_steps=config.retriever_steps)
+                         lm_steps=config.lm_steps, retriever_steps=config.retriever_steps,
+                         retriever_web_images_per_domain=config.retriever_web_images_per_domain)
     if (out_dir / "world.json").is_file():
         world = load_world_json(out_dir)
         if world["seed"] == config.seed and world["recipe"] == json.loads(json.dumps(asdict(recipe))):

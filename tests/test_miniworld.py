@@ -97,8 +97,8 @@ def test_cut_down_clip_tokenizer_splits_world_captions_like_clip(tmp_path):
 
 
 def test_a_world_with_a_separate_retriever_trains_it_further_and_datastores_accept_it(tmp_path):
-    """A recipe with a retriever saves a second mini CLIP, the captioning one trained further (same architecture,
-    other weights), reports its retrieval metrics, and `smallcap datastore build --encoder` takes it."""
+    """A recipe with a retriever saves a second mini CLIP, the captioning one trained further on its own larger web
+    (same architecture, other weights), reports its retrieval metrics, and `smallcap datastore build --encoder` takes it."""
     import json
 
     import torch
@@ -108,7 +108,7 @@ def test_a_world_with_a_separate_retriever_trains_it_further_and_datastores_acce
     from smallcap.miniworld.build import build_world, recipe_with
 
     recipe = recipe_with("small", images_per_domain=20, web_images_per_domain=12, clip_steps=4, lm_steps=2,
-                         retriever_steps=3)
+                         retriever_steps=3, retriever_web_images_per_domain=18)
     recipe.clip.batch_size = recipe.retriever.batch_size = 6
     assert recipe.retriever.steps == 3 and recipe.retriever.lr == recipe.clip.lr / 2
     torch.set_num_threads(1)
@@ -117,6 +117,7 @@ def test_a_world_with_a_separate_retriever_trains_it_further_and_datastores_acce
     assert world["models"]["retriever"] == "models/retriever"
     assert set(world["metrics"]["retriever_retrieval"]) == {"source", "target"}
     assert world["recipe"]["retriever"]["steps"] == 3 and world["timings_s"]["retriever"] > 0
+    assert world["recipe"]["retriever_web_images_per_domain"] == 18
     clip = CLIPModel.from_pretrained(tmp_path / "world" / "models" / "clip")
     retriever = CLIPModel.from_pretrained(tmp_path / "world" / "models" / "retriever")
     assert clip.config.to_dict()["vision_config"] == retriever.config.to_dict()["vision_config"]

@@ -54,6 +54,10 @@ class WorldRecipe:
     # A separate retrieval encoder: the captioning CLIP trained `retriever.steps` steps further (at
     # `retriever.lr`) on the same web images, so it is the stronger of the two. None: retrieve with `clip`.
     retriever: ClipRecipe | None = None
+    # The retriever's own web: this many pretraining images per domain (the CLIP's web is its first
+    # `web_images_per_domain`), as the paper's retriever saw more data than a small captioning model could use.
+    # None: the CLIP's web images.
+    retriever_web_images_per_domain: int | None = None
     lm: LMRecipe = field(default_factory=LMRecipe)
 
 
@@ -140,6 +144,10 @@ def _train_clips(tmp: Path, web, web_pixels, images, clip_tokenizer, recipe: Wor
     reports["clip"] = _retrieval_report(tmp / "models" / "clip", images, seed)
     lap("clip_eval")
     if recipe.retriever is not None:
+        if recipe.retriever_web_images_per_domain:
+            web = sample_world(seed, recipe.retriever_web_images_per_domain, stream="web",
+                               shape_variants=recipe.shape_variants)
+            web_pixels = pixel_array([render(image.scene, seed) for image in web])
         retriever = train_clip(web_pixels, [i.captions for i in web], clip_tokenizer, recipe.retriever,
                                seed=seed + 1, group_size=recipe.shape_variants, progress=progress, init=clip)
         retriever.save_pretrained(tmp / "models" / "retriever")
@@ -200,13 +208,18 @@ def load_world_json(out_dir: str | Path) -> dict:
 
 def recipe_with(preset: str, images_per_domain: int | None = None, web_images_per_domain: int | None = None,
                 clip_steps: int | None = None, lm_steps: int | None = None,
-                retriever_steps: int | None = None) -> WorldRecipe:
+                retriever_steps: int | None = None,
+                retriever_web_images_per_domain: int | None = None) -> WorldRecipe:
     """A preset (`default`, `small`) with some sizes overridden; `retriever_steps` adds a separate retrieval
-    encoder: the captioning CLIP trained that many steps further at half its learning rate."""
+    encoder: the captioning CLIP trained that many steps further at half its learning rate, on
+    `retriever_web_images_per_domain` web images per domain (default: the CLIP's)."""
+    if retriever_web_images_per_domain and not retriever_steps:
+        raise SmallCapError("retriever_web_images_per_domain needs retriever_steps (a separate retriever)")
     base = PRESETS[preset]
     clip = replace(base.clip, steps=clip_steps or base.clip.steps)
     retriever = replace(clip, steps=retriever_steps, lr=clip.lr / 2) if retriever_steps else base.retriever
     return WorldRecipe(images_per_domain=images_per_domain or base.images_per_domain,
                        web_images_per_domain=web_images_per_domain or base.web_images_per_domain,
                        shape_variants=base.shape_variants, clip=clip, retriever=retriever,
+                       retriever_web_images_per_domain=retriever_web_images_per_domain,
                        lm=replace(base.lm, steps=lm_steps or base.lm.steps))
