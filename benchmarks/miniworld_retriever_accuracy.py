@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="cont,web10000_1800,web30000_3600")
     parser.add_argument("--out", type=Path, help="default: results/miniworld_retriever_accuracy_seedN.json")
     args = parser.parse_args(argv)
+    variants = args.variants.split(",")
+    for variant in variants:
+        if variant != "cont" and not re.fullmatch(r"web\d+_\d+", variant):
+            parser.error(f"unknown variant {variant!r}: cont or web<N>_<S>")
 
     import torch
 
@@ -77,15 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     clip = trained(web, small.clip, seed=seed)
     results["models"]["clip"] = {**accuracy(clip, "clip"), "seconds": round(time.perf_counter() - started)}
-    for variant in args.variants.split(","):
+    for variant in variants:
         started = time.perf_counter()
         if variant == "cont":
             images, steps = web, 1800
-        elif variant.startswith("web"):
+        else:
             count, steps = map(int, variant[3:].split("_"))
             images = sample_world(seed, count, stream="web", shape_variants=small.shape_variants)
-        else:
-            parser.error(f"unknown variant {variant!r}: cont or web<N>_<S>")
         model = trained(images, replace(small.clip, steps=steps, lr=small.clip.lr / 2), seed=seed + 1, init=clip)
         results["models"][variant] = {**accuracy(model, variant), "seconds": round(time.perf_counter() - started)}
         print(variant, results["models"][variant], flush=True)
